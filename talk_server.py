@@ -1,0 +1,2805 @@
+"""talk-server: the Nextcloud Talk ("spreed") API v1 on Bottle, SQLite and Waitress.
+
+A small, dependable server for rooms, participants, calls, chat with
+long-polling and the internal WebRTC signaling, for a Raspberry Pi, a local
+mock server or a demo.
+
+Run it::
+
+    talk-server serve --db talk.sqlite3          # http://127.0.0.1:8080
+    talk-server user add alice --password secret
+
+Embed it (for example in another project's tests)::
+
+    with talk_server.serve_in_thread(tmp_path / "talk.db") as url:
+        ...
+
+Sections of this module, in order:
+
+    constants . errors and the OCS envelope . database . data access
+    (users and groups, sessions, rooms, participants, calls, chat, signaling)
+    . JSON shapes . auth and request helpers . long-poll notifier . routes
+    (room management, participant management, call management, chat,
+    signaling, capabilities, accounts) . app factory . serving . command line
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import base64
+import contextlib
+import getpass
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl
+from xml.sax.saxutils import escape as xml_escape
+
+import bottle
+import waitress
+
+# ---------------------------------------------------------------------------
+# Constants, in the API document's order
+# ---------------------------------------------------------------------------
+
+API_PREFIXES = ("/ocs/v2.php/apps/spreed/api/v1", "/ocs/v1.php/apps/spreed/api/v1")
+CLOUD_PREFIXES = ("/ocs/v2.php/cloud", "/ocs/v1.php/cloud")
+
+# Room types
+ROOM_ONE_TO_ONE = 1
+ROOM_GROUP = 2
+ROOM_PUBLIC = 3
+ROOM_TYPES = (ROOM_ONE_TO_ONE, ROOM_GROUP, ROOM_PUBLIC)
+
+# Participant types
+OWNER = 1
+MODERATOR = 2
+USER = 3
+GUEST = 4
+USER_SELF_JOINED = 5
+MEMBER_TYPES = (OWNER, MODERATOR, USER)
+MODERATOR_TYPES = (OWNER, MODERATOR)
+
+# Sessions and activity (SPEC 2)
+ACTIVE_SECONDS = 30  # a session is active when seen within this window
+GUEST_EXPIRY_SECONDS = 30  # inactive guest rows may be deleted after this
+SESSION_ID_LENGTH = 512
+SESSION_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+TOKEN_LENGTH = 8
+TOKEN_ALPHABET = "abcdefghijkmnopqrstuvwxyz23456789"
+IN_CALL = 1  # bit of sessions.in_call
+
+# Room management
+ROOM_NAME_MAX = 200
+
+# Chat
+CHAT_DEFAULT_TIMEOUT = 30
+CHAT_MAX_TIMEOUT = 60
+MESSAGE_MAX = 32000
+CHAT_PAGE_MAX = 1000  # messages in one answer, the oldest after the offset
+
+# Signaling
+SIGNALING_TIMEOUT = 30
+SIGNALING_TTL = 300  # queued signaling messages live five minutes (as Talk)
+SIGNALING_QUEUE_MAX = 500  # per recipient session
+SIGNALING_MESSAGE_MAX = 64 * 1024  # one `fn` payload
+DEFAULT_STUN = "stun.nextcloud.com:443"
+TURN_CREDENTIAL_SECONDS = 24 * 3600
+
+# Capabilities (SPEC 8)
+FEATURES = ["audio", "video", "chat", "guest-signaling", "empty-group-room"]
+NEXTCLOUD_VERSION = (13, 0, 0, 0)
+
+# Accounts
+ADMIN_GROUP = "admin"
+ID_PATTERN = re.compile(r"[A-Za-z0-9 _.@'-]{1,64}")
+DEMO_USERS = (("alice", "Alice"), ("bob", "Bob"), ("carol", "Carol"))
+GUEST_COOKIE = "talk_guest"
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+CREDENTIAL_CACHE_SECONDS = 300
+
+# Serving
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_THREADS = 64
+DEFAULT_RESERVE = 4
+DEFAULT_MAX_BODY = 1024 * 1024
+
+# ---------------------------------------------------------------------------
+# Errors and the OCS envelope
+# ---------------------------------------------------------------------------
+
+STATUS_MESSAGES = {
+    400: "Bad request",
+    401: "Unauthorised",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    412: "Precondition failed",
+    413: "Request body too large",
+    500: "Internal server error",
+}
+
+
+class OCSError(Exception):
+    """An endpoint's error: HTTP status (v2), a short reason, optional data."""
+
+    def __init__(self, status, message=None, data=None, v1_code=None):
+        super().__init__(message or STATUS_MESSAGES.get(status, "Error"))
+        self.status = status
+        self.message = message or STATUS_MESSAGES.get(status, "Error")
+        self.data = [] if data is None else data
+        self.v1_code = v1_code  # a v1 statuscode other than the HTTP one
+
+
+class CSRFError(Exception):
+    """The OCS-APIRequest header is missing (SPEC 1.4)."""
+
+
+def fail(status, message=None, data=None, v1_code=None):
+    """Raise an OCS error."""
+    raise OCSError(status, message, data, v1_code)
+
+
+@dataclass
+class Reply:
+    """A successful answer with a status other than 200."""
+
+    status: int
+    data: object
+
+
+def ocs_meta(version, status, message):
+    """The envelope's meta for OCS `version` (1 or 2) and HTTP-like `status`."""
+    if version == 1:
+        code = 100 if 200 <= status < 300 else status
+        return {
+            "status": "ok" if code == 100 else "failure",
+            "statuscode": code,
+            "message": message,
+            "totalitems": "",
+            "itemsperpage": "",
+        }
+    return {
+        "status": "ok" if 200 <= status < 300 else "failure",
+        "statuscode": status,
+        "message": message,
+    }
+
+
+def http_status(version, status):
+    """The HTTP status for an OCS answer: v1 answers 200 but for 401 (SPEC 1.3)."""
+    if version == 1:
+        return 401 if status == 401 else 200
+    return status
+
+
+def xml_value(value):
+    """Encode a JSON-able value as OCS XML: lists as <element>, true as 1."""
+    if isinstance(value, dict):
+        parts = []
+        for key, item in value.items():
+            key = str(key)
+            if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
+                parts.append(f"<{key}>{xml_value(item)}</{key}>")
+            else:
+                attr = xml_escape(key, {'"': "&quot;"})
+                parts.append(f'<element key="{attr}">{xml_value(item)}</element>')
+        return "".join(parts)
+    if isinstance(value, list | tuple):
+        return "".join(f"<element>{xml_value(item)}</element>" for item in value)
+    if value is True:
+        return "1"
+    if value is False or value is None:
+        return ""
+    return xml_escape(str(value))
+
+
+def encode(fmt, document):
+    """Encode a document as JSON or XML bytes and set the content type."""
+    if fmt == "xml":
+        bottle.response.content_type = "application/xml; charset=utf-8"
+        return ('<?xml version="1.0"?>\n' + xml_value(document)).encode("utf-8")
+    bottle.response.content_type = "application/json; charset=utf-8"
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def envelope(version, fmt, status, data, message="OK"):
+    """Build the whole OCS answer: status line, content type and body bytes."""
+    bottle.response.status = http_status(version, status)
+    meta = ocs_meta(version, status, message)
+    return encode(fmt, {"ocs": {"meta": meta, "data": data}})
+
+
+def ocs_version(path):
+    """1 for paths under /ocs/v1.php, else 2."""
+    return 1 if path.startswith("/ocs/v1.php/") else 2
+
+
+def format_from_accept(environ):
+    """JSON when the Accept header names it, else XML (as Nextcloud)."""
+    return "json" if "application/json" in environ.get("HTTP_ACCEPT", "") else "xml"
+
+
+def error_page(error):
+    """Router-level errors (unknown path, wrong method, crash) as envelopes."""
+    request = bottle.request
+    status = error.status_code
+    fmt = format_from_accept(request.environ)
+    if request.query.get("format") in ("json", "xml"):
+        fmt = request.query.get("format")
+    message = {404: "Unknown path", 405: "Method not allowed"}.get(
+        status, STATUS_MESSAGES.get(status, "Error")
+    )
+    body = envelope(ocs_version(request.path), fmt, status, [], message)
+    bottle.response.status = status  # a router error keeps its real status
+    return body
+
+
+# ---------------------------------------------------------------------------
+# Database
+# ---------------------------------------------------------------------------
+
+
+def schema_path():
+    """schema.sql beside this module (a checkout) or in talk_server_data (installed)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "schema.sql", here / "talk_server_data" / "schema.sql"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError("schema.sql is missing from the installation")
+
+
+SCHEMA_VERSION = 1
+
+# Each migration brings a database from version (index + 1) to (index + 2).
+MIGRATIONS: list[str] = []
+
+
+def connect(path, durability="full") -> sqlite3.Connection:
+    """Open the database for one thread at a time, in WAL mode, autocommit."""
+    conn = sqlite3.connect(
+        str(path), timeout=10, isolation_level=None, check_same_thread=False
+    )
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode = WAL")
+    # FULL syncs the WAL on every commit: an answered write survives a power
+    # cut. NORMAL may lose the last commits on power loss (never corrupts).
+    conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA cache_size = -1024")  # KiB; many connections, little memory
+    return conn
+
+
+@contextlib.contextmanager
+def transaction(conn):
+    """A write transaction that takes the write lock at once (BEGIN IMMEDIATE)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def sql_statements(script: str):
+    """Split an SQL script into statements (comments travel with the next one)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+
+
+def migrate(conn):
+    """Create the schema in an empty database, or bring an old one up to date.
+
+    Each step runs in one IMMEDIATE transaction, so two processes opening a
+    new database at once cannot both create it, and a crash leaves either
+    the old version or the new one.
+    """
+    with transaction(conn):
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema {version} is newer than this talk-server ({SCHEMA_VERSION})"
+            )
+        if version == 0:
+            if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+                raise RuntimeError("not a talk-server database (tables but no version)")
+            for statement in sql_statements(schema_path().read_text(encoding="utf-8")):
+                conn.execute(statement)
+            return
+        for step in range(version, SCHEMA_VERSION):
+            for statement in sql_statements(MIGRATIONS[step - 1]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {step + 1}")
+
+
+class Database:
+    """A small pool of connections; writers queue on one lock, not on SQLite's busy loop."""
+
+    def __init__(self, path, durability="full", keep=8):
+        self.path = str(path)
+        self.durability = durability
+        self.keep = keep
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self.closed = False
+        conn = connect(self.path, durability)
+        migrate(conn)
+        self._idle.append(conn)
+
+    def _borrow(self):
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("database is closed")
+            if self._idle:
+                return self._idle.pop()
+        return connect(self.path, self.durability)
+
+    def _give_back(self, conn):
+        with self._lock:
+            if not self.closed and len(self._idle) < self.keep:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    @contextlib.contextmanager
+    def read(self):
+        """A connection for reads; each statement sees the latest commit."""
+        conn = self._borrow()
+        try:
+            yield conn
+        finally:
+            self._give_back(conn)
+
+    @contextlib.contextmanager
+    def write(self):
+        """A connection inside one write transaction."""
+        with self._write_lock:
+            conn = self._borrow()
+            try:
+                with transaction(conn):
+                    yield conn
+            finally:
+                self._give_back(conn)
+
+    def close(self):
+        with self._lock:
+            self.closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+# ---------------------------------------------------------------------------
+# Data access: all SQL lives here
+# ---------------------------------------------------------------------------
+
+# --- Users and groups -------------------------------------------------------
+
+
+def hash_password(password: str) -> str:
+    """A salted scrypt hash with its parameters: scrypt$n$r$p$salt$hash."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P
+    )
+    b64 = base64.b64encode
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def check_password(stored: str, password: str) -> bool:
+    """Compare a password with a stored hash in constant time."""
+    try:
+        kind, n, r, p, salt, digest = stored.split("$")
+        if kind != "scrypt":
+            return False
+        expected = base64.b64decode(digest)
+        actual = hashlib.scrypt(
+            password.encode("utf-8"),
+            salt=base64.b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=len(expected),
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def get_user(db, user_id: str):
+    return db.execute(
+        "SELECT id, display_name, password_hash FROM users WHERE id = :id",
+        {"id": user_id},
+    ).fetchone()
+
+
+def list_users(db, search: str = "") -> list[sqlite3.Row]:
+    return db.execute(
+        """
+        SELECT id, display_name
+          FROM users
+         WHERE instr(lower(id), lower(:search)) > 0
+            OR instr(lower(display_name), lower(:search)) > 0
+         ORDER BY id
+        """,
+        {"search": search},
+    ).fetchall()
+
+
+def create_user(db, user_id: str, password_hash: str, display_name: str = "") -> None:
+    db.execute(
+        """
+        INSERT INTO users (id, display_name, password_hash)
+        VALUES (:id, :display_name, :password_hash)
+        """,
+        {"id": user_id, "display_name": display_name or user_id, "password_hash": password_hash},
+    )
+
+
+def set_password_hash(db, user_id: str, password_hash: str) -> None:
+    db.execute(
+        "UPDATE users SET password_hash = :hash WHERE id = :id",
+        {"id": user_id, "hash": password_hash},
+    )
+
+
+def set_display_name(db, user_id: str, display_name: str) -> None:
+    db.execute(
+        "UPDATE users SET display_name = :name WHERE id = :id",
+        {"id": user_id, "name": display_name},
+    )
+
+
+def delete_user(db, user_id: str) -> list[int]:
+    """Delete a user and the rooms that cannot live without them (SPEC 9).
+
+    Returns the ids of the rooms whose membership changed, so waiting polls
+    there can be woken.
+    """
+    rooms = db.execute(
+        """
+        SELECT r.id, r.type,
+               (SELECT COUNT(*) FROM participants AS o
+                 WHERE o.room_id = r.id AND o.user_id IS NOT NULL
+                   AND o.user_id <> :user_id) AS other_users
+          FROM rooms AS r
+          JOIN participants AS p ON p.room_id = r.id
+         WHERE p.user_id = :user_id
+        """,
+        {"user_id": user_id},
+    ).fetchall()
+    for room in rooms:
+        if room["type"] == ROOM_ONE_TO_ONE or room["other_users"] == 0:
+            delete_room(db, room["id"])
+    db.execute("DELETE FROM users WHERE id = :id", {"id": user_id})
+    return [room["id"] for room in rooms]
+
+
+def groups_of(db, user_id: str) -> list[str]:
+    return [
+        row[0]
+        for row in db.execute(
+            "SELECT group_id FROM group_members WHERE user_id = :user_id ORDER BY group_id",
+            {"user_id": user_id},
+        )
+    ]
+
+
+def is_admin(db, user_id: str) -> bool:
+    return (
+        db.execute(
+            """
+            SELECT 1 FROM group_members
+             WHERE group_id = :group_id AND user_id = :user_id
+            """,
+            {"group_id": ADMIN_GROUP, "user_id": user_id},
+        ).fetchone()
+        is not None
+    )
+
+
+def group_exists(db, group_id: str) -> bool:
+    return (
+        db.execute("SELECT 1 FROM groups WHERE id = :id", {"id": group_id}).fetchone()
+        is not None
+    )
+
+
+def list_groups(db, search: str = "") -> list[str]:
+    return [
+        row[0]
+        for row in db.execute(
+            """
+            SELECT id FROM groups
+             WHERE instr(lower(id), lower(:search)) > 0
+             ORDER BY id
+            """,
+            {"search": search},
+        )
+    ]
+
+
+def create_group(db, group_id: str) -> None:
+    db.execute("INSERT INTO groups (id) VALUES (:id)", {"id": group_id})
+
+
+def delete_group(db, group_id: str) -> None:
+    db.execute("DELETE FROM groups WHERE id = :id", {"id": group_id})
+
+
+def group_members(db, group_id: str) -> list[str]:
+    return [
+        row[0]
+        for row in db.execute(
+            "SELECT user_id FROM group_members WHERE group_id = :id ORDER BY user_id",
+            {"id": group_id},
+        )
+    ]
+
+
+def add_to_group(db, group_id: str, user_id: str) -> None:
+    db.execute(
+        """
+        INSERT OR IGNORE INTO group_members (group_id, user_id)
+        VALUES (:group_id, :user_id)
+        """,
+        {"group_id": group_id, "user_id": user_id},
+    )
+
+
+def remove_from_group(db, group_id: str, user_id: str) -> None:
+    db.execute(
+        "DELETE FROM group_members WHERE group_id = :group_id AND user_id = :user_id",
+        {"group_id": group_id, "user_id": user_id},
+    )
+
+
+def count_users(db) -> int:
+    return db.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+
+
+# --- Sessions ----------------------------------------------------------------
+
+
+def new_session_id() -> str:
+    """512 random characters of [A-Za-z0-9] (SPEC 1.6)."""
+    return "".join(secrets.choice(SESSION_ALPHABET) for _ in range(SESSION_ID_LENGTH))
+
+
+def start_session(db, participant_id: int, now: int) -> str:
+    """Give a participant a new session, ending the one it had."""
+    db.execute(
+        "DELETE FROM sessions WHERE participant_id = :pid", {"pid": participant_id}
+    )
+    session_id = new_session_id()
+    db.execute(
+        "INSERT INTO sessions (id, participant_id) VALUES (:id, :pid)",
+        {"id": session_id, "pid": participant_id},
+    )
+    touch(db, participant_id, now)
+    return session_id
+
+
+def end_session(db, participant_id: int) -> None:
+    db.execute(
+        "DELETE FROM sessions WHERE participant_id = :pid", {"pid": participant_id}
+    )
+
+
+def touch(db, participant_id: int, now: int) -> None:
+    """Refresh a participant's lastPing (SPEC 2)."""
+    db.execute(
+        "UPDATE participants SET last_ping = :now WHERE id = :pid",
+        {"pid": participant_id, "now": now},
+    )
+
+
+def session_by_id(db, session_id: str):
+    """A session with its participant and room, or None."""
+    return db.execute(
+        """
+        SELECT s.id AS session_id, s.in_call, p.id AS participant_id,
+               p.room_id, p.user_id, p.guest_id, p.participant_type, p.last_ping
+          FROM sessions AS s
+          JOIN participants AS p ON p.id = s.participant_id
+         WHERE s.id = :id
+        """,
+        {"id": session_id},
+    ).fetchone()
+
+
+def latest_session_of(db, user_id, guest_id):
+    """The actor's most recently active session in any room, or None."""
+    return db.execute(
+        """
+        SELECT s.id AS session_id, p.room_id
+          FROM participants AS p
+          JOIN sessions AS s ON s.participant_id = p.id
+         WHERE (:user_id IS NOT NULL AND p.user_id = :user_id)
+            OR (:guest_id IS NOT NULL AND p.guest_id = :guest_id)
+         ORDER BY p.last_ping DESC
+         LIMIT 1
+        """,
+        {"user_id": user_id, "guest_id": guest_id},
+    ).fetchone()
+
+
+def guest_has_session(db, guest_id) -> bool:
+    if guest_id is None:
+        return False
+    return (
+        db.execute(
+            """
+            SELECT 1 FROM participants AS p
+              JOIN sessions AS s ON s.participant_id = p.id
+             WHERE p.guest_id = :guest_id
+            """,
+            {"guest_id": guest_id},
+        ).fetchone()
+        is not None
+    )
+
+
+# --- Rooms -------------------------------------------------------------------
+
+
+def new_token(db) -> str:
+    while True:
+        token = "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(TOKEN_LENGTH))
+        if room_by_token(db, token) is None:
+            return token
+
+
+def room_by_token(db, token: str):
+    return db.execute(
+        "SELECT * FROM rooms WHERE token = :token", {"token": token}
+    ).fetchone()
+
+
+def room_by_id(db, room_id: int):
+    return db.execute("SELECT * FROM rooms WHERE id = :id", {"id": room_id}).fetchone()
+
+
+def create_room(db, room_type: int, name: str, now: int) -> sqlite3.Row:
+    db.execute(
+        """
+        INSERT INTO rooms (token, type, name, last_activity)
+        VALUES (:token, :type, :name, :now)
+        """,
+        {"token": new_token(db), "type": room_type, "name": name, "now": now},
+    )
+    return room_by_id(db, db.execute("SELECT last_insert_rowid()").fetchone()[0])
+
+
+def one_to_one_room(db, user_a: str, user_b: str):
+    return db.execute(
+        """
+        SELECT r.*
+          FROM rooms AS r
+          JOIN participants AS a ON a.room_id = r.id AND a.user_id = :a
+          JOIN participants AS b ON b.room_id = r.id AND b.user_id = :b
+         WHERE r.type = :type
+        """,
+        {"a": user_a, "b": user_b, "type": ROOM_ONE_TO_ONE},
+    ).fetchone()
+
+
+def rooms_of(db, user_id: str) -> list[sqlite3.Row]:
+    return db.execute(
+        """
+        SELECT r.*
+          FROM rooms AS r
+          JOIN participants AS p ON p.room_id = r.id
+         WHERE p.user_id = :user_id
+         ORDER BY max(r.last_activity, p.last_ping) DESC, r.id DESC
+        """,
+        {"user_id": user_id},
+    ).fetchall()
+
+
+def rename_room(db, room_id: int, name: str) -> None:
+    db.execute("UPDATE rooms SET name = :name WHERE id = :id", {"id": room_id, "name": name})
+
+
+def set_room_type(db, room_id: int, room_type: int) -> None:
+    db.execute(
+        "UPDATE rooms SET type = :type WHERE id = :id", {"id": room_id, "type": room_type}
+    )
+
+
+def set_room_password(db, room_id: int, password_hash: str) -> None:
+    db.execute(
+        "UPDATE rooms SET password_hash = :hash WHERE id = :id",
+        {"id": room_id, "hash": password_hash},
+    )
+
+
+def delete_room(db, room_id: int) -> None:
+    """Delete a room; participants, sessions, chat and signaling go with it."""
+    db.execute("DELETE FROM rooms WHERE id = :id", {"id": room_id})
+
+
+def mark_activity(db, room_id: int, now: int) -> None:
+    db.execute(
+        "UPDATE rooms SET last_activity = max(last_activity, :now) WHERE id = :id",
+        {"id": room_id, "now": now},
+    )
+
+
+# --- Participants ------------------------------------------------------------
+
+
+PARTICIPANT_COLUMNS = """
+    p.id, p.room_id, p.user_id, p.guest_id, p.participant_type, p.last_ping,
+    coalesce(s.id, '0') AS session_id, coalesce(s.in_call, 0) AS in_call,
+    coalesce(u.display_name, '') AS display_name
+"""
+
+
+def participants_of(db, room_ids: list[int]) -> list[sqlite3.Row]:
+    """Every row of the given rooms with its session and display name."""
+    return db.execute(
+        f"""
+        SELECT {PARTICIPANT_COLUMNS}
+          FROM participants AS p
+          LEFT JOIN sessions AS s ON s.participant_id = p.id
+          LEFT JOIN users AS u ON u.id = p.user_id
+         WHERE p.room_id IN (SELECT value FROM json_each(:ids))
+         ORDER BY p.room_id, p.guest_id IS NOT NULL, p.last_ping DESC, p.id
+        """,
+        {"ids": json.dumps(room_ids)},
+    ).fetchall()
+
+
+def participant_of(db, room_id: int, user_id=None, guest_id=None):
+    """The row of a user or of a guest (by cookie hash) in a room, or None."""
+    if user_id is None and guest_id is None:
+        return None
+    return db.execute(
+        f"""
+        SELECT {PARTICIPANT_COLUMNS}
+          FROM participants AS p
+          LEFT JOIN sessions AS s ON s.participant_id = p.id
+          LEFT JOIN users AS u ON u.id = p.user_id
+         WHERE p.room_id = :room_id
+           AND (p.user_id = :user_id OR p.guest_id = :guest_id)
+        """,
+        {"room_id": room_id, "user_id": user_id, "guest_id": guest_id},
+    ).fetchone()
+
+
+def participant_by_session(db, room_id: int, session_id: str):
+    return db.execute(
+        f"""
+        SELECT {PARTICIPANT_COLUMNS}
+          FROM participants AS p
+          JOIN sessions AS s ON s.participant_id = p.id
+          LEFT JOIN users AS u ON u.id = p.user_id
+         WHERE p.room_id = :room_id AND s.id = :session_id
+        """,
+        {"room_id": room_id, "session_id": session_id},
+    ).fetchone()
+
+
+def add_participant(db, room_id, participant_type, now, user_id=None, guest_id=None) -> int:
+    db.execute(
+        """
+        INSERT INTO participants (room_id, user_id, guest_id, participant_type, last_ping)
+        VALUES (:room_id, :user_id, :guest_id, :type, :now)
+        """,
+        {
+            "room_id": room_id,
+            "user_id": user_id,
+            "guest_id": guest_id,
+            "type": participant_type,
+            "now": now,
+        },
+    )
+    return db.execute("SELECT last_insert_rowid()").fetchone()[0]
+
+
+def set_participant_type(db, participant_id: int, participant_type: int) -> None:
+    db.execute(
+        "UPDATE participants SET participant_type = :type WHERE id = :id",
+        {"id": participant_id, "type": participant_type},
+    )
+
+
+def remove_participant(db, participant_id: int) -> None:
+    db.execute("DELETE FROM participants WHERE id = :id", {"id": participant_id})
+
+
+def count_participants(db, room_id: int) -> int:
+    return db.execute(
+        "SELECT COUNT(*) FROM participants WHERE room_id = :room_id", {"room_id": room_id}
+    ).fetchone()[0]
+
+
+def remove_guests_and_self_joined(db, room_id: int) -> None:
+    """Delete every type 4 and 5 row of a room (it became private)."""
+    db.execute(
+        """
+        DELETE FROM participants
+         WHERE room_id = :room_id AND participant_type IN (:guest, :self_joined)
+        """,
+        {"room_id": room_id, "guest": GUEST, "self_joined": USER_SELF_JOINED},
+    )
+
+
+def expire_guests(db, room_id: int, before: int) -> int:
+    """Delete guest rows of a room not seen since `before` (SPEC 2)."""
+    return db.execute(
+        """
+        DELETE FROM participants
+         WHERE room_id = :room_id AND participant_type = :guest AND last_ping <= :before
+        """,
+        {"room_id": room_id, "guest": GUEST, "before": before},
+    ).rowcount
+
+
+# --- Calls -------------------------------------------------------------------
+
+
+def set_in_call(db, session_id: str, in_call: bool) -> None:
+    db.execute(
+        "UPDATE sessions SET in_call = :flags WHERE id = :id",
+        {"id": session_id, "flags": IN_CALL if in_call else 0},
+    )
+
+
+def call_peers(db, room_id: int, active_since: int) -> list[sqlite3.Row]:
+    return db.execute(
+        """
+        SELECT p.user_id, p.last_ping, s.id AS session_id
+          FROM participants AS p
+          JOIN sessions AS s ON s.participant_id = p.id
+         WHERE p.room_id = :room_id AND s.in_call & :in_call
+           AND p.last_ping > :since
+         ORDER BY p.user_id IS NULL, p.last_ping DESC
+        """,
+        {"room_id": room_id, "in_call": IN_CALL, "since": active_since},
+    ).fetchall()
+
+
+# --- Chat --------------------------------------------------------------------
+
+
+def add_message(db, room_id, actor_type, actor_id, message, now) -> sqlite3.Row:
+    """Store a message with the room's next seq; timestamps never go backwards."""
+    last = db.execute(
+        """
+        SELECT seq, timestamp FROM messages
+         WHERE room_id = :room_id
+         ORDER BY seq DESC
+         LIMIT 1
+        """,
+        {"room_id": room_id},
+    ).fetchone()
+    seq, timestamp = (last["seq"] + 1, max(now, last["timestamp"])) if last else (1, now)
+    db.execute(
+        """
+        INSERT INTO messages (room_id, seq, actor_type, actor_id, timestamp, message)
+        VALUES (:room_id, :seq, :actor_type, :actor_id, :timestamp, :message)
+        """,
+        {
+            "room_id": room_id,
+            "seq": seq,
+            "actor_type": actor_type,
+            "actor_id": actor_id,
+            "timestamp": timestamp,
+            "message": message,
+        },
+    )
+    return message_by_id(db, db.execute("SELECT last_insert_rowid()").fetchone()[0])
+
+
+MESSAGE_COLUMNS = """
+    m.id, m.seq, m.actor_type, m.actor_id, m.timestamp, m.message,
+    CASE WHEN m.actor_type = 'users' THEN coalesce(u.display_name, '') ELSE '' END
+        AS actor_display_name
+"""
+
+
+def message_by_id(db, message_id: int):
+    return db.execute(
+        f"""
+        SELECT {MESSAGE_COLUMNS}
+          FROM messages AS m
+          LEFT JOIN users AS u ON u.id = m.actor_id
+         WHERE m.id = :id
+        """,
+        {"id": message_id},
+    ).fetchone()
+
+
+def messages_after(db, room_id, offset, not_older_than, limit) -> list[sqlite3.Row]:
+    """The room's messages newer than a timestamp, skipping the `offset` oldest.
+
+    Timestamps never decrease along seq, so the first seq past the timestamp
+    and the skip are two index lookups, whatever the room's history.
+    """
+    first = db.execute(
+        """
+        SELECT min(seq) FROM messages
+         WHERE room_id = :room_id AND timestamp > :since
+        """,
+        {"room_id": room_id, "since": not_older_than},
+    ).fetchone()[0]
+    if first is None:
+        return []
+    return db.execute(
+        f"""
+        SELECT {MESSAGE_COLUMNS}
+          FROM messages AS m
+          LEFT JOIN users AS u ON u.id = m.actor_id
+         WHERE m.room_id = :room_id AND m.seq >= :start
+         ORDER BY m.seq
+         LIMIT :limit
+        """,
+        {"room_id": room_id, "start": first + offset, "limit": limit},
+    ).fetchall()
+
+
+# --- Signaling ---------------------------------------------------------------
+
+
+def queue_signaling(db, recipient: str, sender: str, data: str, now: int) -> None:
+    db.execute(
+        """
+        INSERT INTO signaling (recipient, sender, data, created)
+        VALUES (:recipient, :sender, :data, :now)
+        """,
+        {"recipient": recipient, "sender": sender, "data": data, "now": now},
+    )
+
+
+def queued_count(db, recipient: str) -> int:
+    return db.execute(
+        "SELECT COUNT(*) FROM signaling WHERE recipient = :recipient",
+        {"recipient": recipient},
+    ).fetchone()[0]
+
+
+def take_signaling(db, recipient: str, since: int) -> list[str]:
+    """Remove and return a session's queued messages, oldest first."""
+    rows = db.execute(
+        """
+        DELETE FROM signaling
+         WHERE recipient = :recipient
+        RETURNING id, data, created
+        """,
+        {"recipient": recipient},
+    ).fetchall()
+    return [row["data"] for row in sorted(rows, key=lambda r: r["id"]) if row["created"] > since]
+
+
+def has_signaling(db, recipient: str) -> bool:
+    return (
+        db.execute(
+            "SELECT 1 FROM signaling WHERE recipient = :recipient LIMIT 1",
+            {"recipient": recipient},
+        ).fetchone()
+        is not None
+    )
+
+
+def expire_signaling(db, before: int) -> None:
+    db.execute("DELETE FROM signaling WHERE created <= :before", {"before": before})
+
+
+def users_in_room(db, room_id: int, active_since: int) -> list[sqlite3.Row]:
+    return db.execute(
+        """
+        SELECT p.user_id, p.room_id, p.last_ping, s.id AS session_id, s.in_call
+          FROM participants AS p
+          JOIN sessions AS s ON s.participant_id = p.id
+         WHERE p.room_id = :room_id AND p.last_ping > :since
+         ORDER BY p.user_id IS NULL, p.user_id, p.id
+        """,
+        {"room_id": room_id, "since": active_since},
+    ).fetchall()
+
+
+# ---------------------------------------------------------------------------
+# JSON shapes: the only place columns become the document's camelCase fields
+# ---------------------------------------------------------------------------
+
+
+def plural(count, one, many):
+    return one if count == 1 else many.format(count)
+
+
+def room_json(room, rows, viewer, now) -> dict:
+    """The room object of SPEC 3 for `viewer`, from all of the room's rows."""
+    active_since = now - ACTIVE_SECONDS
+    mine = None
+    for row in rows:
+        if (viewer.user_id is not None and row["user_id"] == viewer.user_id) or (
+            viewer.guest_id is not None and row["guest_id"] == viewer.guest_id
+        ):
+            mine = row
+    active = [r for r in rows if r["session_id"] != "0" and r["last_ping"] > active_since]
+    active_guests = [r for r in active if r["user_id"] is None]
+    users = [r for r in rows if r["user_id"] is not None]
+    other_users = [r for r in users if mine is None or r["id"] != mine["id"]]
+
+    name = room["name"]
+    one_to_one_partner = None
+    if room["type"] == ROOM_ONE_TO_ONE and other_users:
+        one_to_one_partner = other_users[0]
+        name = one_to_one_partner["user_id"]
+
+    if mine is None:
+        return {
+            "id": room["id"],
+            "token": room["token"],
+            "type": room["type"],
+            "name": name,
+            "displayName": name,
+            "participantType": GUEST,
+            "participantInCall": False,
+            "count": len(active),
+            "hasPassword": bool(room["password_hash"]),
+            "hasCall": False,
+            "lastPing": 0,
+            "sessionId": "0",
+            "participants": [],
+            "numGuests": 0,
+            "guestList": "",
+        }
+
+    guest_list = ""
+    if room["type"] == ROOM_PUBLIC:
+        if viewer.is_guest:
+            others = len([r for r in active_guests if r["id"] != mine["id"]])
+            if others:
+                guest_list = plural(others, "1 other guest", "{} other guests")
+        elif active_guests:
+            guest_list = plural(len(active_guests), "1 guest", "{} guests")
+
+    if room["name"]:
+        display_name = room["name"]
+    elif one_to_one_partner is not None:
+        display_name = one_to_one_partner["display_name"]
+    else:
+        names = [r["display_name"] for r in other_users]
+        if viewer.is_guest or not names:
+            names.append("You")
+        if guest_list:
+            names.append(guest_list)
+        display_name = ", ".join(names)
+
+    return {
+        "id": room["id"],
+        "token": room["token"],
+        "type": room["type"],
+        "name": name,
+        "displayName": display_name,
+        "participantType": mine["participant_type"],
+        "participantInCall": bool(mine["in_call"] & IN_CALL),
+        "count": len(active),
+        "hasPassword": bool(room["password_hash"]),
+        "hasCall": any(r["in_call"] & IN_CALL for r in active),
+        "lastPing": mine["last_ping"],
+        "sessionId": mine["session_id"],
+        "participants": {
+            r["user_id"]: {
+                "name": r["display_name"],
+                "type": r["participant_type"],
+                "call": bool(r["in_call"] & IN_CALL),
+            }
+            for r in users
+        }
+        or [],
+        "numGuests": len(active_guests),
+        "guestList": guest_list,
+    }
+
+
+def participant_json(row) -> dict:
+    return {
+        "userId": row["user_id"] or "",
+        "displayName": row["display_name"] if row["user_id"] else "",
+        "participantType": row["participant_type"],
+        "lastPing": row["last_ping"],
+        "sessionId": row["session_id"],
+        "inCall": bool(row["in_call"] & IN_CALL),
+    }
+
+
+def call_peer_json(row, token) -> dict:
+    return {
+        "userId": row["user_id"] or "",
+        "token": token,
+        "lastPing": row["last_ping"],
+        "sessionId": row["session_id"],
+    }
+
+
+def message_json(row, token) -> dict:
+    return {
+        "id": row["id"],
+        "token": token,
+        "actorType": row["actor_type"],
+        "actorId": row["actor_id"],
+        "actorDisplayName": row["actor_display_name"],
+        "timestamp": row["timestamp"],
+        "message": row["message"],
+    }
+
+
+def user_in_room_json(row) -> dict:
+    return {
+        "userId": row["user_id"] or "",
+        "roomId": row["room_id"],
+        "lastPing": row["last_ping"],
+        "sessionId": row["session_id"],
+        "inCall": bool(row["in_call"] & IN_CALL),
+    }
+
+
+def user_json(db, row) -> dict:
+    """A user as the provisioning API shows it."""
+    return {
+        "enabled": True,
+        "id": row["id"],
+        "email": None,
+        "displayname": row["display_name"],
+        "display-name": row["display_name"],
+        "groups": groups_of(db, row["id"]),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Auth and request helpers
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Actor:
+    """Who is calling: a user (user_id), or a guest (guest_id, None without a cookie)."""
+
+    user_id: str | None = None
+    display_name: str = ""
+    guest_id: str | None = None
+
+    @property
+    def is_guest(self) -> bool:
+        return self.user_id is None
+
+
+class Credentials:
+    """Verifies Basic-auth passwords, with a short-lived in-memory cache.
+
+    A cache hit still reads the user's row, so a password changed or a user
+    deleted from another process takes effect at once.
+    """
+
+    def __init__(self, ttl=CREDENTIAL_CACHE_SECONDS):
+        self.ttl = ttl
+        self._key = secrets.token_bytes(32)
+        self._cache: dict[str, tuple[bytes, str, float]] = {}
+        self._lock = threading.Lock()
+        # scrypt takes 16 MiB a hash: two at a time keep a burst of first
+        # logins from swelling the process (SPEC 1.5).
+        self._hashing = threading.BoundedSemaphore(2)
+
+    def _fast(self, user_id, password):
+        return hmac.new(self._key, f"{user_id}\0{password}".encode(), "sha256").digest()
+
+    def verify(self, db, user_id: str, password: str):
+        """The user's row when the password is right, else None."""
+        row = get_user(db, user_id)
+        if row is None:
+            return None
+        fast = self._fast(user_id, password)
+        with self._lock:
+            cached = self._cache.get(user_id)
+        if (
+            cached
+            and cached[1] == row["password_hash"]
+            and cached[2] > time.monotonic()
+            and hmac.compare_digest(cached[0], fast)
+        ):
+            return row
+        with self._hashing:
+            ok = check_password(row["password_hash"], password)
+        if not ok:
+            return None
+        with self._lock:
+            if len(self._cache) > 10000:
+                self._cache.clear()
+            self._cache[user_id] = (fast, row["password_hash"], time.monotonic() + self.ttl)
+        return row
+
+    def hash(self, password: str) -> str:
+        with self._hashing:
+            return hash_password(password)
+
+    def check(self, stored: str, password: str) -> bool:
+        with self._hashing:
+            return check_password(stored, password)
+
+
+def basic_credentials(header: str):
+    """(user, password) from an Authorization header, or None when malformed."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
+
+
+def read_body(environ, max_body):
+    """The request body as a dict of parameters (form or JSON), or raise 400/413."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        fail(400, "Invalid Content-Length")
+    if length > max_body:
+        fail(413, f"Request body over {max_body} bytes")
+    raw = environ["wsgi.input"].read(length) if length > 0 else b""
+    if not raw:
+        return {}
+    ctype = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        fail(400, "Request body is not valid UTF-8")
+    if ctype == "application/json" or ctype.endswith("+json"):
+        try:
+            body = json.loads(text)
+        except ValueError:
+            fail(400, "Request body is not valid JSON")
+        if not isinstance(body, dict):
+            fail(400, "JSON body must be an object")
+        return body
+    if ctype in ("", "application/x-www-form-urlencoded", "text/plain"):
+        try:
+            return dict(parse_qsl(text, keep_blank_values=True, strict_parsing=False))
+        except ValueError:
+            fail(400, "Malformed form body")
+    if ctype.startswith("multipart/"):
+        fail(400, "Multipart bodies are not supported; send a form or JSON")
+    fail(400, f"Unsupported content type {ctype}")
+
+
+class Call:
+    """One request as a handler sees it: the app's state, the actor, the parameters."""
+
+    def __init__(self, talk, actor, params, version):
+        self.talk = talk
+        self.actor = actor
+        self.params = params
+        self.version = version
+
+    @property
+    def now(self) -> int:
+        return int(self.talk.clock())
+
+    def has(self, name) -> bool:
+        return name in self.params
+
+    def text(self, name, default=None, required=False) -> str | None:
+        """A string parameter; numbers are taken as their text, other types 400."""
+        value = self.params.get(name)
+        if value is None:
+            if required:
+                fail(400, f"Missing parameter {name}")
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            fail(400, f"Parameter {name} must be a string")
+        return str(value)
+
+    def integer(self, name, default=None, minimum=None, required=False) -> int | None:
+        """An integer parameter (JSON number or decimal text), else 400."""
+        value = self.params.get(name)
+        if value is None or value == "":
+            if required:
+                fail(400, f"Missing parameter {name}")
+            return default
+        if isinstance(value, bool):
+            fail(400, f"Parameter {name} must be an integer")
+        if isinstance(value, str):
+            if not re.fullmatch(r"\s*[+-]?\d{1,18}\s*", value):
+                fail(400, f"Parameter {name} must be an integer")
+            value = int(value)
+        if not isinstance(value, int):
+            fail(400, f"Parameter {name} must be an integer")
+        if minimum is not None and value < minimum:
+            fail(400, f"Parameter {name} must be at least {minimum}")
+        return value
+
+    def guest_id(self) -> str:
+        """The guest's cookie hash, setting a new cookie when it has none."""
+        if self.actor.guest_id is None:
+            cookie = secrets.token_urlsafe(32)
+            bottle.response.set_cookie(
+                GUEST_COOKIE, cookie, path="/", httponly=True, samesite="lax"
+            )
+            self.actor.guest_id = guest_hash(cookie)
+        return self.actor.guest_id
+
+    def wait_cancelled(self) -> bool:
+        """True when the client went away (Waitress checks this for us)."""
+        check = bottle.request.environ.get("waitress.client_disconnected")
+        return bool(check and check())
+
+
+def guest_hash(cookie: str) -> str:
+    return hashlib.sha256(cookie.encode("utf-8")).hexdigest()
+
+
+def authenticate(talk, environ, need_user: bool) -> Actor:
+    """The caller from Basic auth or the guest cookie; 401 when that fails (SPEC 1.5)."""
+    header = environ.get("HTTP_AUTHORIZATION")
+    if header:
+        credentials = basic_credentials(header)
+        if credentials is None:
+            fail(401, "Malformed credentials")
+        with talk.db.read() as db:
+            row = talk.credentials.verify(db, *credentials)
+        if row is None:
+            fail(401, "Wrong user name or password")
+        return Actor(user_id=row["id"], display_name=row["display_name"])
+    if need_user:
+        fail(401, "Authentication required")
+    cookie = bottle.request.get_cookie(GUEST_COOKIE)
+    if cookie and re.fullmatch(r"[A-Za-z0-9_-]{20,100}", cookie):
+        return Actor(guest_id=guest_hash(cookie))
+    return Actor()
+
+
+def csrf_ok(environ) -> bool:
+    return environ.get("HTTP_OCS_APIREQUEST", "").lower() == "true"
+
+
+# Access levels for room_for, from loosest to tightest.
+SEE, ROW, MEMBER, MODERATE, JOINED, CHAT, CALL_LIST = (
+    "see",
+    "row",
+    "member",
+    "moderate",
+    "joined",
+    "chat",
+    "call-list",
+)
+
+
+def room_for(db, actor: Actor, token: str, need: str = SEE):
+    """The room and the caller's row, or the document's 404 / 403.
+
+    SEE: a row, or a public room. ROW: any row. MEMBER: a user row of type
+    1-3. MODERATE: 1-2 (403 for other members). JOINED: a session in the
+    room. CHAT: members, joined or not, and joined type 4/5 (SPEC 6).
+    CALL_LIST: joined or member (SPEC 5).
+    """
+    room = room_by_token(db, token) if isinstance(token, str) else None
+    if room is None:
+        fail(404, "Room not found")
+    me = participant_of(db, room["id"], actor.user_id, actor.guest_id)
+    is_member = me is not None and actor.user_id and me["participant_type"] in MEMBER_TYPES
+    joined = me is not None and me["session_id"] != "0"
+    allowed = {
+        SEE: me is not None or room["type"] == ROOM_PUBLIC,
+        ROW: me is not None,
+        MEMBER: is_member,
+        MODERATE: is_member,
+        JOINED: joined,
+        CHAT: is_member or joined,
+        CALL_LIST: is_member or joined,
+    }[need]
+    if not allowed:
+        fail(404, "Room not found")
+    if need == MODERATE and me["participant_type"] not in MODERATOR_TYPES:
+        fail(403, "You are not a moderator of this room")
+    return room, me
+
+
+# ---------------------------------------------------------------------------
+# The long-poll notifier (chat and signaling)
+# ---------------------------------------------------------------------------
+
+
+class Waiter:
+    """One waiting request: a Condition on the notifier's lock and a fired flag."""
+
+    def __init__(self, lock, keys):
+        self.cond = threading.Condition(lock)
+        self.keys = keys
+        self.fired = False
+
+
+class Notifier:
+    """Wakes waiting long-polls the moment something they wait for happens.
+
+    A request registers (listen) *before* it looks at the database, so a
+    change committed between its look and its wait still wakes it. Waits are
+    bounded by a budget: at most `max_waiting` requests wait at once, so that
+    the reserve of worker threads always serves sends, joins and pings.
+    """
+
+    def __init__(self, max_waiting, overflow_wait=1.0, slice_seconds=1.0, time_scale=1.0):
+        self._lock = threading.Lock()
+        self._waiters: dict[tuple, set[Waiter]] = {}
+        self.max_waiting = max_waiting
+        self.overflow_wait = overflow_wait
+        self.slice_seconds = slice_seconds
+        self.time_scale = time_scale
+        self.waiting = 0
+        self.closed = False
+
+    @contextlib.contextmanager
+    def listen(self, *keys):
+        waiter = Waiter(self._lock, keys)
+        with self._lock:
+            for key in keys:
+                self._waiters.setdefault(key, set()).add(waiter)
+        try:
+            yield waiter
+        finally:
+            with self._lock:
+                for key in keys:
+                    waiters = self._waiters.get(key)
+                    if waiters is not None:
+                        waiters.discard(waiter)
+                        if not waiters:
+                            del self._waiters[key]
+
+    def notify(self, *keys) -> None:
+        with self._lock:
+            for key in keys:
+                for waiter in self._waiters.get(key, ()):
+                    waiter.fired = True
+                    waiter.cond.notify()
+
+    def wait(self, waiter: Waiter, seconds: float, cancelled=lambda: False) -> bool:
+        """Wait until notified, `seconds` pass, the client leaves or we shut down.
+
+        Returns True when notified. The wait wakes once per slice to notice a
+        client that disconnected; that is a flag check, not a re-query.
+        """
+        deadline = time.monotonic() + seconds * self.time_scale
+        with self._lock:
+            if waiter.fired or self.closed or seconds <= 0:
+                fired, waiter.fired = waiter.fired, False
+                return fired
+            if self.waiting >= self.max_waiting:
+                # Over budget: a short wait keeps the client from spinning
+                # while the reserve threads stay free for everything else.
+                deadline = min(deadline, time.monotonic() + self.overflow_wait)
+                counted = False
+            else:
+                self.waiting += 1
+                counted = True
+            try:
+                while not waiter.fired and not self.closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    waiter.cond.wait(min(left, self.slice_seconds))
+                    if not waiter.fired and cancelled():
+                        break
+            finally:
+                if counted:
+                    self.waiting -= 1
+            fired, waiter.fired = waiter.fired, False
+            return fired
+
+    def close(self) -> None:
+        """Wake every waiter for good (shutdown): they answer with what they have."""
+        with self._lock:
+            self.closed = True
+            for waiters in self._waiters.values():
+                for waiter in waiters:
+                    waiter.cond.notify()
+
+
+def chat_key(room_id):
+    return ("chat", room_id)
+
+
+def room_key(room_id):
+    return ("room", room_id)
+
+
+def session_key(session_id):
+    return ("session", session_id)
+
+
+# ---------------------------------------------------------------------------
+# Routes: Room management
+# ---------------------------------------------------------------------------
+
+
+def room_name_param(rq, name="roomName") -> str | None:
+    """An optional room name: trimmed, at most 200 characters, else 400."""
+    value = rq.text(name)
+    if value is None:
+        return None
+    value = value.strip()
+    if len(value) > ROOM_NAME_MAX:
+        fail(400, f"Room name longer than {ROOM_NAME_MAX} characters")
+    return value
+
+
+def room_answer(rq, db, room) -> dict:
+    """The room object for the caller, after deleting expired guests."""
+    rows = participants_of(db, [room["id"]])
+    return room_json(room, rows, rq.actor, rq.now)
+
+
+def room_create(rq):
+    """POST /room: Creating a new room."""
+    room_type = rq.integer("roomType")
+    if room_type not in ROOM_TYPES:
+        fail(400, "roomType must be 1, 2 or 3")
+    invite = rq.text("invite", "")
+    name = room_name_param(rq) or ""
+    me, now = rq.actor.user_id, rq.now
+    with rq.talk.db.write() as db:
+        if room_type == ROOM_ONE_TO_ONE:
+            if not invite or get_user(db, invite) is None:
+                fail(404, "User not found")
+            if invite == me:
+                fail(403, "You cannot start a one-to-one conversation with yourself")
+            room = one_to_one_room(db, me, invite)
+            if room is not None:
+                return room_created(db, room, rq, status=200)
+            room = create_room(db, ROOM_ONE_TO_ONE, "", now)
+            add_participant(db, room["id"], OWNER, 0, user_id=me)
+            add_participant(db, room["id"], OWNER, 0, user_id=invite)
+        elif room_type == ROOM_GROUP:
+            members = []
+            if invite:
+                if not group_exists(db, invite):
+                    fail(404, "Group not found")
+                members = [u for u in group_members(db, invite) if u != me]
+            room = create_room(db, ROOM_GROUP, name or invite, now)
+            add_participant(db, room["id"], OWNER, 0, user_id=me)
+            for user_id in members:
+                add_participant(db, room["id"], USER, 0, user_id=user_id)
+        else:
+            room = create_room(db, ROOM_PUBLIC, name, now)
+            add_participant(db, room["id"], OWNER, 0, user_id=me)
+        return room_created(db, room, rq, status=201)
+
+
+def room_created(db, room, rq, status):
+    shown = room_answer(rq, db, room)
+    data = {"token": room["token"], "name": shown["name"], "displayName": shown["displayName"]}
+    return Reply(status, data)
+
+
+def room_list(rq):
+    """GET /room: Get user's rooms."""
+    with rq.talk.db.read() as db:
+        rooms = rooms_of(db, rq.actor.user_id)
+        rows = participants_of(db, [room["id"] for room in rooms])
+    by_room: dict[int, list] = {}
+    for row in rows:
+        by_room.setdefault(row["room_id"], []).append(row)
+    now = rq.now
+    return [room_json(room, by_room.get(room["id"], []), rq.actor, now) for room in rooms]
+
+
+def room_get(rq, token):
+    """GET /room/{token}: Get single room (also for guests)."""
+    rq.talk.expire_guests(token)
+    with rq.talk.db.read() as db:
+        room, _ = room_for(db, rq.actor, token, SEE)
+        return room_answer(rq, db, room)
+
+
+def room_rename(rq, token):
+    """PUT /room/{token}: Rename a room."""
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        name = room_name_param(rq)
+        if not name:
+            fail(400, "roomName must be 1 to 200 characters")
+        # Rename a room: 405 for a one-to-one room (its name is the partner).
+        if room["type"] == ROOM_ONE_TO_ONE:
+            fail(405, "A one-to-one room cannot be renamed")
+        rename_room(db, room["id"], name)
+    return []
+
+
+def room_set_password(rq, token):
+    """PUT /room/{token}/password: Set password for a room."""
+    password = rq.text("password", "")
+    with rq.talk.db.read() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        if room["type"] != ROOM_PUBLIC:
+            fail(403, "Only public rooms can have a password")
+    # Hash outside the write transaction: scrypt is slow on a Pi.
+    password_hash = rq.talk.credentials.hash(password) if password else ""
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        if room["type"] != ROOM_PUBLIC:
+            fail(403, "Only public rooms can have a password")
+        set_room_password(db, room["id"], password_hash)
+    return []
+
+
+def room_delete(rq, token):
+    """DELETE /room/{token}: Delete a room."""
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        delete_room(db, room["id"])
+    rq.talk.room_changed(room["id"], chat=True)
+    return []
+
+
+def room_make_public(rq, token):
+    """POST /room/{token}/public: Allow guests in a room (public room)."""
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        set_room_type(db, room["id"], ROOM_PUBLIC)
+    return []
+
+
+def room_make_private(rq, token):
+    """DELETE /room/{token}/public: Disallow guests in a room (group room)."""
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        if room["type"] == ROOM_PUBLIC:
+            set_room_type(db, room["id"], ROOM_GROUP)
+            remove_guests_and_self_joined(db, room["id"])
+    rq.talk.room_changed(room["id"])
+    return []
+
+
+# ---------------------------------------------------------------------------
+# Routes: Participant management
+# ---------------------------------------------------------------------------
+
+
+def participant_list(rq, token):
+    """GET /room/{token}/participants: Get list of participants in a room."""
+    rq.talk.expire_guests(token)
+    with rq.talk.db.read() as db:
+        room, _ = room_for(db, rq.actor, token, SEE)
+        rows = participants_of(db, [room["id"]])
+    return [participant_json(row) for row in rows]
+
+
+def participant_add(rq, token):
+    """POST /room/{token}/participants: Add a participant to a room."""
+    new_user = rq.text("newParticipant", "")
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        if participant_of(db, room["id"], user_id=new_user) is not None:
+            return []
+        if not new_user or get_user(db, new_user) is None:
+            fail(404, "User not found")
+        add_participant(db, room["id"], USER, 0, user_id=new_user)
+        # Adding a third person turns a one-to-one room into a group room.
+        if room["type"] == ROOM_ONE_TO_ONE:
+            set_room_type(db, room["id"], ROOM_GROUP)
+            return {"type": ROOM_GROUP}
+    return []
+
+
+def participant_remove(rq, token):
+    """DELETE /room/{token}/participants: Delete a participant from a room."""
+    target = rq.text("participant", "")
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        if room["type"] == ROOM_ONE_TO_ONE:
+            delete_room(db, room["id"])
+            gone = True
+        else:
+            row = participant_of(db, room["id"], user_id=target) if target else None
+            if row is None:
+                fail(404, "Participant not found")
+            if row["participant_type"] == OWNER:
+                fail(403, "The owner cannot be removed")
+            remove_participant(db, row["id"])
+            gone = False
+    rq.talk.room_changed(room["id"], chat=gone)
+    return []
+
+
+def participant_remove_guest(rq, token):
+    """DELETE /room/{token}/participants/guests: Remove a guest from a room."""
+    session_id = rq.text("participant", "")
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        row = participant_by_session(db, room["id"], session_id) if session_id else None
+        if row is None:
+            fail(404, "Participant not found")
+        if row["participant_type"] != GUEST:
+            fail(403, "The participant is not a guest")
+        remove_participant(db, row["id"])
+    rq.talk.room_changed(room["id"])
+    return []
+
+
+def participant_remove_self(rq, token):
+    """DELETE /room/{token}/participants/self: Remove yourself from a room."""
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, ROW)
+        gone = room["type"] == ROOM_ONE_TO_ONE or count_participants(db, room["id"]) <= 1
+        if gone:
+            delete_room(db, room["id"])
+        else:
+            remove_participant(db, me["id"])
+    rq.talk.room_changed(room["id"], chat=gone)
+    return []
+
+
+def participant_join(rq, token):
+    """POST /room/{token}/participants/active: Join a room (available for call and chat)."""
+    password = rq.text("password", "")
+    actor, now = rq.actor, rq.now
+    with rq.talk.db.read() as db:
+        room, me = room_for(db, actor, token, SEE)
+    needs_password = bool(room["password_hash"]) and not (
+        me is not None and actor.user_id and me["participant_type"] in MEMBER_TYPES
+    )
+    # Join a room: types 4 and 5 give the room password (checked before the
+    # write transaction, as scrypt is slow).
+    if needs_password and not rq.talk.credentials.check(room["password_hash"], password):
+        fail(403, "Wrong room password")
+    guest_id = None if actor.user_id else rq.guest_id()
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, actor, token, SEE)
+        if me is None:
+            kind = USER_SELF_JOINED if actor.user_id else GUEST
+            pid = add_participant(
+                db, room["id"], kind, now, user_id=actor.user_id, guest_id=guest_id
+            )
+        else:
+            pid = me["id"]
+        session_id = start_session(db, pid, now)
+    rq.talk.room_changed(room["id"])
+    return {"sessionId": session_id}
+
+
+def participant_leave(rq, token):
+    """DELETE /room/{token}/participants/active: Leave a room (not available for call and chat anymore)."""
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, SEE)
+        if me is not None and me["session_id"] != "0":
+            if me["participant_type"] in (GUEST, USER_SELF_JOINED):
+                remove_participant(db, me["id"])
+            else:
+                end_session(db, me["id"])
+    rq.talk.room_changed(room["id"])
+    return []
+
+
+def moderator_promote(rq, token):
+    """POST /room/{token}/moderators: Promote a user to a moderator."""
+    target = rq.text("participant", "")
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        row = participant_of(db, room["id"], user_id=target) if target else None
+        if row is None:
+            fail(404, "Participant not found")
+        if row["participant_type"] == OWNER:
+            fail(403, "The owner is already above a moderator")
+        if row["participant_type"] != USER:
+            fail(412, "Only a user (type 3) can be promoted")
+        set_participant_type(db, row["id"], MODERATOR)
+    return []
+
+
+def moderator_demote(rq, token):
+    """DELETE /room/{token}/moderators: Demote a moderator to a user."""
+    target = rq.text("participant", "")
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        if target == rq.actor.user_id:
+            fail(403, "You cannot demote yourself")
+        row = participant_of(db, room["id"], user_id=target) if target else None
+        if row is None:
+            fail(404, "Participant not found")
+        if row["participant_type"] != MODERATOR:
+            fail(412, "Only a moderator (type 2) can be demoted")
+        set_participant_type(db, row["id"], USER)
+    return []
+
+
+# ---------------------------------------------------------------------------
+# Routes: Call management
+# ---------------------------------------------------------------------------
+
+
+def call_peers_list(rq, token):
+    """GET /call/{token}: Get list of connected participants."""
+    with rq.talk.db.read() as db:
+        room, _ = room_for(db, rq.actor, token, CALL_LIST)
+        rows = call_peers(db, room["id"], rq.now - ACTIVE_SECONDS)
+    return [call_peer_json(row, room["token"]) for row in rows]
+
+
+def call_join(rq, token):
+    """POST /call/{token}: Join a call."""
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, JOINED)
+        set_in_call(db, me["session_id"], True)
+        touch(db, me["id"], rq.now)
+    rq.talk.room_changed(room["id"])
+    return []
+
+
+def call_ping(rq, token):
+    """POST /call/{token}/ping: Send ping to keep the call alive."""
+    with rq.talk.db.write() as db:
+        _, me = room_for(db, rq.actor, token, JOINED)
+        touch(db, me["id"], rq.now)
+    return []
+
+
+def call_leave(rq, token):
+    """DELETE /call/{token}: Leave a call (but staying in the room for future calls and chat)."""
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, SEE)
+        # As Talk 3.1: a guest with no session anywhere is simply told 200.
+        if rq.actor.is_guest and not guest_has_session(db, rq.actor.guest_id):
+            return []
+        if me is None or me["session_id"] == "0":
+            fail(404, "Room not found")
+        set_in_call(db, me["session_id"], False)
+    rq.talk.room_changed(room["id"])
+    return []
+
+
+# ---------------------------------------------------------------------------
+# Routes: Chat
+# ---------------------------------------------------------------------------
+
+
+def chat_receive(rq, token):
+    """GET /chat/{token}: Receive chat messages of a room."""
+    offset = rq.integer("offset", 0, minimum=0)
+    since = rq.integer("notOlderThanTimestamp", 0, minimum=0)
+    timeout = min(rq.integer("timeout", CHAT_DEFAULT_TIMEOUT, minimum=0), CHAT_MAX_TIMEOUT)
+    talk = rq.talk
+    deadline = time.monotonic() + timeout * talk.notifier.time_scale
+    with talk.db.read() as db:
+        room, _ = room_for(db, rq.actor, token, CHAT)
+    with talk.notifier.listen(chat_key(room["id"])) as waiter:
+        while True:
+            with talk.db.read() as db:
+                room, _ = room_for(db, rq.actor, token, CHAT)
+                rows = messages_after(db, room["id"], offset, since, CHAT_PAGE_MAX)
+            left = (deadline - time.monotonic()) / talk.notifier.time_scale
+            if rows or left <= 0 or talk.notifier.closed:
+                break
+            if not talk.notifier.wait(waiter, left, rq.wait_cancelled):
+                if rq.wait_cancelled():
+                    break
+    return [message_json(row, room["token"]) for row in reversed(rows)]
+
+
+def chat_send(rq, token):
+    """POST /chat/{token}: Sending a new chat message."""
+    message = (rq.text("message", "") or "").strip()
+    if not message:
+        fail(400, "The message is empty")
+    if len(message) > MESSAGE_MAX:
+        fail(400, f"The message is longer than {MESSAGE_MAX} characters")
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        if rq.actor.user_id:
+            actor_type, actor_id = "users", rq.actor.user_id
+        else:
+            actor_type = "guests"
+            actor_id = hashlib.sha1(me["session_id"].encode()).hexdigest()
+        row = add_message(db, room["id"], actor_type, actor_id, message, now)
+        touch(db, me["id"], now)
+        mark_activity(db, room["id"], now)
+    rq.talk.notifier.notify(chat_key(room["id"]))
+    return Reply(201, message_json(row, room["token"]))
+
+
+# ---------------------------------------------------------------------------
+# Routes: Signaling
+# ---------------------------------------------------------------------------
+
+
+def turn_credentials(secret: str, now: int) -> tuple[str, str]:
+    """TURN REST credentials (coturn use-auth-secret): expiry:random and its HMAC."""
+    username = f"{now + TURN_CREDENTIAL_SECONDS}:{secrets.token_hex(8)}"
+    digest = hmac.new(secret.encode("utf-8"), username.encode("utf-8"), "sha1").digest()
+    return username, base64.b64encode(digest).decode("ascii")
+
+
+def signaling_settings(rq):
+    """GET /signaling/settings: STUN and TURN servers for WebRTC."""
+    talk = rq.talk
+    stun = [{"url": f"stun:{secrets.choice(talk.stun_servers)}"}] if talk.stun_servers else []
+    turn = []
+    if talk.turn_server and talk.turn_secret:
+        username, credential = turn_credentials(talk.turn_secret, rq.now)
+        for transport in ("udp", "tcp"):
+            urls = [f"turn:{talk.turn_server}?transport={transport}"]
+            turn.append(
+                {"url": urls, "urls": urls, "username": username, "credential": credential}
+            )
+    return {"server": "", "ticket": "", "stunservers": stun, "turnservers": turn}
+
+
+def signaling_session(rq, db, token):
+    """The caller's session: in the token's room, or the most recently active one."""
+    if token is None:
+        row = latest_session_of(db, rq.actor.user_id, rq.actor.guest_id)
+        return (row["session_id"], row["room_id"]) if row else (None, None)
+    room = room_by_token(db, token)
+    if room is None:
+        return None, None
+    me = participant_of(db, room["id"], rq.actor.user_id, rq.actor.guest_id)
+    if me is None or me["session_id"] == "0":
+        return None, None
+    return me["session_id"], room["id"]
+
+
+def parse_signaling_messages(raw) -> list:
+    """The `messages` parameter: a JSON string of a list of objects, else 400."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            fail(400, "messages is not valid JSON")
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        fail(400, "messages must be a list of objects")
+    return raw
+
+
+def signaling_send(rq, token=None):
+    """POST /signaling and /signaling/{token}: Send signaling messages."""
+    if not rq.has("messages"):
+        fail(400, "Missing parameter messages")
+    items = parse_signaling_messages(rq.params["messages"])
+    now, talk = rq.now, rq.talk
+    woken = set()
+    with talk.db.write() as db:
+        my_session, room_id = signaling_session(rq, db, token)
+        if my_session is None:
+            fail(404, "No session", [{"type": "usersInRoom", "data": []}])
+        sender = session_by_id(db, my_session)
+        touch(db, sender["participant_id"], now)
+        expire_signaling(db, now - SIGNALING_TTL)
+        for item in items:
+            if item.get("ev") != "message":
+                continue
+            # Only the caller's own session may send; a spoofed one is dropped.
+            if item.get("sessionId") != my_session:
+                continue
+            payload = item.get("fn")
+            if isinstance(payload, str):
+                if len(payload) > SIGNALING_MESSAGE_MAX:
+                    fail(413, "Signaling message too large")
+                try:
+                    payload = json.loads(payload)
+                except ValueError:
+                    fail(400, "fn is not valid JSON")
+            if not isinstance(payload, dict) or not isinstance(payload.get("to"), str):
+                fail(400, "fn must be an object with a recipient session in to")
+            recipient = session_by_id(db, payload["to"])
+            if recipient is None or recipient["room_id"] != room_id:
+                continue  # only sessions of the same room receive
+            if queued_count(db, payload["to"]) >= talk.signaling_queue_max:
+                fail(429, "The recipient's signaling queue is full")
+            payload["from"] = my_session
+            queue_signaling(db, payload["to"], my_session, json.dumps(payload), now)
+            woken.add(payload["to"])
+    talk.notifier.notify(*(session_key(s) for s in woken))
+    return []
+
+
+def signaling_receive(rq, token=None):
+    """GET /signaling and /signaling/{token}: Receive signaling messages (long-poll)."""
+    talk = rq.talk
+    gone = OCSError(404, "No session", [{"type": "usersInRoom", "data": []}])
+    with talk.db.write() as db:
+        my_session, room_id = signaling_session(rq, db, token)
+        if my_session is None:
+            raise gone
+        touch(db, session_by_id(db, my_session)["participant_id"], rq.now)
+    deadline = time.monotonic() + SIGNALING_TIMEOUT * talk.notifier.time_scale
+    with talk.notifier.listen(room_key(room_id), session_key(my_session)) as waiter:
+        while True:
+            with talk.db.read() as db:
+                if session_by_id(db, my_session) is None:
+                    raise gone
+                pending = has_signaling(db, my_session)
+            left = (deadline - time.monotonic()) / talk.notifier.time_scale
+            if pending or left <= 0 or talk.notifier.closed:
+                break
+            if talk.notifier.wait(waiter, left, rq.wait_cancelled) or rq.wait_cancelled():
+                break  # a room event: answer with the new usersInRoom
+    now = rq.now
+    with talk.db.write() as db:
+        if session_by_id(db, my_session) is None:
+            raise gone
+        messages = take_signaling(db, my_session, now - SIGNALING_TTL)
+        users = users_in_room(db, room_id, now - ACTIVE_SECONDS)
+    answer = [{"type": "message", "data": data} for data in messages]
+    answer.append({"type": "usersInRoom", "data": [user_in_room_json(u) for u in users]})
+    return answer
+
+
+# ---------------------------------------------------------------------------
+# Routes: Capabilities, status and accounts (SPEC 1.1, 8, 9)
+# ---------------------------------------------------------------------------
+
+
+def capabilities(rq):
+    """GET /cloud/capabilities: what this server can do."""
+    major, minor, micro, _ = NEXTCLOUD_VERSION
+    return {
+        "version": {
+            "major": major,
+            "minor": minor,
+            "micro": micro,
+            "string": f"{major}.{minor}.{micro}",
+            "edition": "",
+            "productname": "talk-server",
+            "talk-server": __version__,
+        },
+        "capabilities": {
+            "core": {"pollinterval": 60},
+            "spreed": {"features": list(FEATURES)},
+        },
+    }
+
+
+def status_php():
+    """GET /status.php: the plain JSON that mobile apps probe."""
+    bottle.response.content_type = "application/json; charset=utf-8"
+    return json.dumps(
+        {
+            "installed": True,
+            "maintenance": False,
+            "needsDbUpgrade": False,
+            "version": ".".join(map(str, NEXTCLOUD_VERSION)),
+            "versionstring": ".".join(map(str, NEXTCLOUD_VERSION[:3])),
+            "edition": "",
+            "productname": "talk-server",
+        }
+    )
+
+
+def require_admin(rq, db):
+    if not is_admin(db, rq.actor.user_id):
+        fail(403, "Only administrators may do this")
+
+
+def existing_user(db, user_id):
+    row = get_user(db, user_id)
+    if row is None:
+        fail(404, "User not found")
+    return row
+
+
+def existing_group(db, group_id):
+    if not group_exists(db, group_id):
+        fail(404, "Group not found")
+
+
+def valid_id(value, what):
+    if not value or not ID_PATTERN.fullmatch(value):
+        fail(400, f"Invalid {what}: use 1-64 of letters, digits, space and _.@'-")
+    return value
+
+
+def cloud_me(rq):
+    """GET /cloud/user: the signed-in user."""
+    with rq.talk.db.read() as db:
+        row = existing_user(db, rq.actor.user_id)
+        return {
+            "id": row["id"],
+            "display-name": row["display_name"],
+            "email": None,
+            "groups": groups_of(db, row["id"]),
+        }
+
+
+def cloud_users(rq):
+    """GET /cloud/users: list users (administrators)."""
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)
+        rows = list_users(db, rq.text("search", ""))
+    offset = rq.integer("offset", 0, minimum=0)
+    limit = rq.integer("limit", None, minimum=0)
+    ids = [row["id"] for row in rows][offset:]
+    return {"users": ids if limit is None else ids[:limit]}
+
+
+def cloud_user_add(rq):
+    """POST /cloud/users: create a user (administrators)."""
+    user_id = valid_id(rq.text("userid", ""), "user id")
+    password = rq.text("password", "")
+    if not password:
+        fail(400, "A password is required")
+    display_name = rq.text("displayName", "") or rq.text("displayname", "") or user_id
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)
+    password_hash = rq.talk.credentials.hash(password)
+    with rq.talk.db.write() as db:
+        if get_user(db, user_id) is not None:
+            fail(400, "User already exists", v1_code=102)
+        create_user(db, user_id, password_hash, display_name)
+    return {"id": user_id}
+
+
+def cloud_user_get(rq, userid):
+    """GET /cloud/users/{userid}: one user (administrators, or the user itself)."""
+    with rq.talk.db.read() as db:
+        if userid != rq.actor.user_id:
+            require_admin(rq, db)
+        return user_json(db, existing_user(db, userid))
+
+
+def cloud_user_edit(rq, userid):
+    """PUT /cloud/users/{userid}: set displayname or password (administrators)."""
+    key, value = rq.text("key", ""), rq.text("value", "")
+    if key not in ("displayname", "display", "password"):
+        fail(400, "key must be displayname or password", v1_code=103)
+    if not value:
+        fail(400, "value must not be empty", v1_code=102)
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)
+        existing_user(db, userid)
+    password_hash = rq.talk.credentials.hash(value) if key == "password" else None
+    with rq.talk.db.write() as db:
+        existing_user(db, userid)
+        if password_hash:
+            set_password_hash(db, userid, password_hash)
+        else:
+            set_display_name(db, userid, value.strip()[:64] or userid)
+    return []
+
+
+def cloud_user_delete(rq, userid):
+    """DELETE /cloud/users/{userid}: delete a user and their rooms (administrators)."""
+    with rq.talk.db.write() as db:
+        require_admin(rq, db)
+        existing_user(db, userid)
+        rooms = delete_user(db, userid)
+    for room_id in rooms:
+        rq.talk.room_changed(room_id, chat=True)
+    return []
+
+
+def cloud_user_groups(rq, userid):
+    """GET /cloud/users/{userid}/groups: a user's groups (administrators, or the user)."""
+    with rq.talk.db.read() as db:
+        if userid != rq.actor.user_id:
+            require_admin(rq, db)
+        existing_user(db, userid)
+        return {"groups": groups_of(db, userid)}
+
+
+def cloud_user_group_add(rq, userid):
+    """POST /cloud/users/{userid}/groups: add a user to a group (administrators)."""
+    group_id = rq.text("groupid", "")
+    with rq.talk.db.write() as db:
+        require_admin(rq, db)
+        existing_user(db, userid)
+        existing_group(db, group_id)
+        add_to_group(db, group_id, userid)
+    return []
+
+
+def cloud_user_group_remove(rq, userid):
+    """DELETE /cloud/users/{userid}/groups: remove a user from a group (administrators)."""
+    group_id = rq.text("groupid", "")
+    with rq.talk.db.write() as db:
+        require_admin(rq, db)
+        existing_user(db, userid)
+        existing_group(db, group_id)
+        remove_from_group(db, group_id, userid)
+    return []
+
+
+def cloud_groups(rq):
+    """GET /cloud/groups: list groups (administrators)."""
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)
+        return {"groups": list_groups(db, rq.text("search", ""))}
+
+
+def cloud_group_add(rq):
+    """POST /cloud/groups: create a group (administrators)."""
+    group_id = valid_id(rq.text("groupid", ""), "group id")
+    with rq.talk.db.write() as db:
+        require_admin(rq, db)
+        if group_exists(db, group_id):
+            fail(400, "Group already exists", v1_code=102)
+        create_group(db, group_id)
+    return []
+
+
+def cloud_group_get(rq, groupid):
+    """GET /cloud/groups/{groupid}: a group's members (administrators)."""
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)
+        existing_group(db, groupid)
+        return {"users": group_members(db, groupid)}
+
+
+def cloud_group_delete(rq, groupid):
+    """DELETE /cloud/groups/{groupid}: delete a group (administrators)."""
+    if groupid == ADMIN_GROUP:
+        fail(403, "The admin group cannot be deleted")
+    with rq.talk.db.write() as db:
+        require_admin(rq, db)
+        existing_group(db, groupid)
+        delete_group(db, groupid)
+    return []
+
+
+# ---------------------------------------------------------------------------
+# The app factory
+# ---------------------------------------------------------------------------
+
+PUBLIC, USERS = "public", "users"
+
+# (method, path under the Talk API or /cloud, handler, who may call it)
+ROUTES = [
+    # Room management
+    ("POST", "/room", room_create, USERS),
+    ("GET", "/room", room_list, USERS),
+    ("GET", "/room/<token>", room_get, PUBLIC),
+    ("PUT", "/room/<token>", room_rename, USERS),
+    ("PUT", "/room/<token>/password", room_set_password, USERS),
+    ("DELETE", "/room/<token>", room_delete, USERS),
+    ("POST", "/room/<token>/public", room_make_public, USERS),
+    ("DELETE", "/room/<token>/public", room_make_private, USERS),
+    # Participant management
+    ("GET", "/room/<token>/participants", participant_list, PUBLIC),
+    ("POST", "/room/<token>/participants", participant_add, USERS),
+    ("DELETE", "/room/<token>/participants", participant_remove, USERS),
+    ("DELETE", "/room/<token>/participants/guests", participant_remove_guest, USERS),
+    ("DELETE", "/room/<token>/participants/self", participant_remove_self, USERS),
+    ("POST", "/room/<token>/participants/active", participant_join, PUBLIC),
+    ("DELETE", "/room/<token>/participants/active", participant_leave, PUBLIC),
+    ("POST", "/room/<token>/moderators", moderator_promote, USERS),
+    ("DELETE", "/room/<token>/moderators", moderator_demote, USERS),
+    # Call management
+    ("GET", "/call/<token>", call_peers_list, PUBLIC),
+    ("POST", "/call/<token>", call_join, PUBLIC),
+    ("POST", "/call/<token>/ping", call_ping, PUBLIC),
+    ("DELETE", "/call/<token>", call_leave, PUBLIC),
+    # Chat
+    ("GET", "/chat/<token>", chat_receive, PUBLIC),
+    ("POST", "/chat/<token>", chat_send, PUBLIC),
+    # Signaling
+    ("GET", "/signaling/settings", signaling_settings, PUBLIC),
+    ("POST", "/signaling", signaling_send, PUBLIC),
+    ("GET", "/signaling", signaling_receive, PUBLIC),
+    ("POST", "/signaling/<token>", signaling_send, PUBLIC),
+    ("GET", "/signaling/<token>", signaling_receive, PUBLIC),
+]
+
+CLOUD_ROUTES = [
+    ("GET", "/capabilities", capabilities, PUBLIC),
+    ("GET", "/user", cloud_me, USERS),
+    ("GET", "/users", cloud_users, USERS),
+    ("POST", "/users", cloud_user_add, USERS),
+    ("GET", "/users/<userid>", cloud_user_get, USERS),
+    ("PUT", "/users/<userid>", cloud_user_edit, USERS),
+    ("DELETE", "/users/<userid>", cloud_user_delete, USERS),
+    ("GET", "/users/<userid>/groups", cloud_user_groups, USERS),
+    ("POST", "/users/<userid>/groups", cloud_user_group_add, USERS),
+    ("DELETE", "/users/<userid>/groups", cloud_user_group_remove, USERS),
+    ("GET", "/groups", cloud_groups, USERS),
+    ("POST", "/groups", cloud_group_add, USERS),
+    ("GET", "/groups/<groupid>", cloud_group_get, USERS),
+    ("DELETE", "/groups/<groupid>", cloud_group_delete, USERS),
+]
+
+
+class Talk:
+    """The state one app lives on: database, notifier, clock and settings."""
+
+    def __init__(
+        self,
+        db_path,
+        *,
+        clock=time.time,
+        durability="full",
+        threads=DEFAULT_THREADS,
+        reserve=DEFAULT_RESERVE,
+        time_scale=1.0,
+        max_body=DEFAULT_MAX_BODY,
+        stun_servers=(DEFAULT_STUN,),
+        turn_server="",
+        turn_secret="",
+        signaling_queue_max=SIGNALING_QUEUE_MAX,
+    ):
+        if durability not in ("full", "normal"):
+            raise ValueError("durability must be full or normal")
+        self.db = Database(db_path, durability)
+        self.clock = clock
+        self.threads = threads
+        self.notifier = Notifier(max(threads - reserve, 0), time_scale=time_scale)
+        self.credentials = Credentials()
+        self.max_body = max_body
+        self.stun_servers = list(stun_servers)
+        self.turn_server = turn_server
+        self.turn_secret = turn_secret
+        self.signaling_queue_max = signaling_queue_max
+
+    def room_changed(self, room_id, chat=False):
+        """Wake the room's signaling polls (and chat polls when the room went)."""
+        keys = [room_key(room_id)]
+        if chat:
+            keys.append(chat_key(room_id))
+        self.notifier.notify(*keys)
+
+    def expire_guests(self, token):
+        """Delete guest rows inactive past the window, when there are any (SPEC 2)."""
+        before = int(self.clock()) - GUEST_EXPIRY_SECONDS
+        with self.db.read() as db:
+            room = room_by_token(db, token)
+            if room is None:
+                return
+            stale = db.execute(
+                """
+                SELECT 1 FROM participants
+                 WHERE room_id = :room_id AND participant_type = :guest
+                   AND last_ping <= :before
+                 LIMIT 1
+                """,
+                {"room_id": room["id"], "guest": GUEST, "before": before},
+            ).fetchone()
+        if stale:
+            with self.db.write() as db:
+                expire_guests(db, room["id"], before)
+            self.room_changed(room["id"])
+
+    def shutdown(self):
+        """Answer every waiting long-poll now; stop new waits."""
+        self.notifier.close()
+
+    def close(self):
+        self.shutdown()
+        self.db.close()
+
+
+def ocs_callback(talk, handler, who):
+    """Wrap a handler: auth, CSRF, parameters, errors and the envelope, in one place."""
+
+    def wrapper(**url_args):
+        request = bottle.request
+        environ = request.environ
+        version = ocs_version(request.path)
+        fmt = format_from_accept(environ)
+        try:
+            query = {key: request.query.getunicode(key) for key in request.query.keys()}
+            fmt = query.get("format") or fmt
+            body = read_body(environ, talk.max_body)
+            fmt = body.get("format") if isinstance(body.get("format"), str) else fmt
+            if fmt not in ("json", "xml"):
+                fmt = "json"
+                fail(400, "format must be json or xml")
+            actor = authenticate(talk, environ, need_user=(who == USERS))
+            if not csrf_ok(environ):
+                raise CSRFError()
+            result = handler(Call(talk, actor, {**query, **body}, version), **url_args)
+        except OCSError as error:
+            data = error.data
+            if version == 1 and error.v1_code:
+                bottle.response.status = 200
+                meta = ocs_meta(1, error.v1_code, error.message)
+                return encode(fmt, {"ocs": {"meta": meta, "data": data}})
+            return envelope(version, fmt, error.status, data, error.message)
+        except CSRFError:
+            bottle.response.status = 412
+            return encode("json", {"message": "CSRF check failed"})
+        if isinstance(result, Reply):
+            return envelope(version, fmt, result.status, result.data)
+        return envelope(version, fmt, 200, result)
+
+    wrapper.__name__ = handler.__name__
+    wrapper.__doc__ = handler.__doc__
+    return wrapper
+
+
+def make_app(db_path, **options) -> bottle.Bottle:
+    """Build a fresh Talk app on the SQLite database at `db_path`.
+
+    Options (all keyword): clock (a function giving seconds since the epoch),
+    durability ("full" or "normal"), threads and reserve (the long-poll
+    budget), time_scale (multiplies every long-poll wait; tests use a small
+    one), max_body (bytes), stun_servers, turn_server, turn_secret,
+    signaling_queue_max. The app's state is `app.talk`; `app.talk.close()`
+    ends waits and closes the database.
+    """
+    talk = Talk(db_path, **options)
+    app = bottle.Bottle(catchall=True)
+    app.talk = talk
+    for prefixes, table in ((API_PREFIXES, ROUTES), (CLOUD_PREFIXES, CLOUD_ROUTES)):
+        for method, path, handler, who in table:
+            callback = ocs_callback(talk, handler, who)
+            for prefix in prefixes:
+                app.route(prefix + path, method, callback)
+    app.route("/status.php", "GET", status_php)
+    for status in (400, 404, 405, 413, 500):
+        app.error(status)(error_page)
+    return app
+
+
+# ---------------------------------------------------------------------------
+# Serving: Waitress, in the foreground or in a background thread
+# ---------------------------------------------------------------------------
+
+
+def create_server(app, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS):
+    """A Waitress server set up for long-polls."""
+    return waitress.create_server(
+        app,
+        host=host,
+        port=port,
+        threads=threads,
+        # One request read ahead lets Waitress see a client hang up while
+        # its long-poll waits (environ["waitress.client_disconnected"]).
+        channel_request_lookahead=1,
+        connection_limit=max(100, threads * 4),
+        asyncore_use_poll=True,  # no 1024-descriptor limit of select()
+        max_request_body_size=app.talk.max_body + 1024,
+        channel_timeout=CHAT_MAX_TIMEOUT + 60,
+        ident="talk-server",
+        clear_untrusted_proxy_headers=True,
+    )
+
+
+def stop_server(server, talk, grace=5.0):
+    """Stop gracefully: polls answer, no new connections, in-flight work finishes."""
+    talk.shutdown()
+    dispatcher = server.task_dispatcher
+    server.trigger.pull_trigger(lambda: bottle_free_close(server))
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and (dispatcher.active_count or dispatcher.queue):
+        time.sleep(0.02)
+
+    def close_everything():
+        for channel in list(server._map.values()):
+            channel.close()
+
+    # Give the loop a moment to flush the last answers, then end it.
+    time.sleep(0.05)
+    server.trigger.pull_trigger(close_everything)
+
+
+def bottle_free_close(server):
+    """Close the listening socket only (server.close() also closes the trigger)."""
+    if server.accepting:
+        waitress.wasyncore.dispatcher.close(server)
+
+
+@contextlib.contextmanager
+def serve_in_thread(db_path, host="127.0.0.1", threads=16, **options):
+    """Serve a fresh app on a free loopback port in a background thread.
+
+    Yields the base URL (``http://127.0.0.1:PORT``); on exit, waiting polls
+    answer, the server stops and the database is closed. For tests and for
+    projects that embed talk-server as a mock.
+    """
+    options.setdefault("threads", threads)
+    app = make_app(db_path, **options)
+    server = create_server(app, host=host, port=0, threads=threads)
+    thread = threading.Thread(target=server.run, name="talk-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{server.effective_port}"
+    finally:
+        stop_server(server, app.talk, grace=2.0)
+        thread.join(10)
+        server.task_dispatcher.shutdown(timeout=2)
+        app.talk.close()
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def die(message):
+    """Print one line to stderr and exit 1."""
+    print(f"talk-server: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def env(name, default):
+    return os.environ.get(name, default)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="talk-server", description="A Nextcloud Talk API v1 server on SQLite."
+    )
+    parser.add_argument("--version", action="version", version=f"talk-server {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_db(p):
+        p.add_argument(
+            "--db",
+            default=env("TALK_DB", "talk.sqlite3"),
+            help="SQLite database file (TALK_DB; default ./talk.sqlite3)",
+        )
+        return p
+
+    serve = with_db(commands.add_parser("serve", help="run the server"))
+    serve.add_argument("--host", default=env("TALK_HOST", DEFAULT_HOST), help="bind address (TALK_HOST)")
+    serve.add_argument("--port", type=int, default=int(env("TALK_PORT", DEFAULT_PORT)), help="port (TALK_PORT)")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=int(env("TALK_THREADS", DEFAULT_THREADS)),
+        help="worker threads; each waiting long-poll holds one (TALK_THREADS)",
+    )
+    serve.add_argument(
+        "--reserve",
+        type=int,
+        default=int(env("TALK_RESERVE", DEFAULT_RESERVE)),
+        help="threads long-polls may never take (TALK_RESERVE)",
+    )
+    serve.add_argument(
+        "--durability",
+        choices=("full", "normal"),
+        default=env("TALK_DURABILITY", "full"),
+        help="full: every answered write survives a power cut (default)",
+    )
+    serve.add_argument(
+        "--stun-server",
+        action="append",
+        default=None,
+        help=f"host:port, repeatable (TALK_STUN_SERVERS, comma-separated; default {DEFAULT_STUN})",
+    )
+    serve.add_argument("--turn-server", default=env("TALK_TURN_SERVER", ""), help="host:port (TALK_TURN_SERVER)")
+    serve.add_argument("--turn-secret", default=env("TALK_TURN_SECRET", ""), help="coturn static-auth-secret (TALK_TURN_SECRET)")
+    serve.add_argument("--demo", action="store_true", help="add demo users alice, bob and carol")
+
+    user = commands.add_parser("user", help="manage users").add_subparsers(dest="action", required=True)
+    add = with_db(user.add_parser("add", help="create a user"))
+    add.add_argument("name")
+    add.add_argument("--password", help="asked for when not given")
+    add.add_argument("--display-name", default="")
+    with_db(user.add_parser("list", help="list users"))
+    delete = with_db(user.add_parser("delete", help="delete a user and their rooms"))
+    delete.add_argument("name")
+    passwd = with_db(user.add_parser("passwd", help="set a user's password"))
+    passwd.add_argument("name")
+    passwd.add_argument("--password", help="asked for when not given")
+    rename = with_db(user.add_parser("rename", help="set a user's display name"))
+    rename.add_argument("name")
+    rename.add_argument("display_name")
+
+    group = commands.add_parser("group", help="manage groups").add_subparsers(dest="action", required=True)
+    for action in ("add", "delete"):
+        with_db(group.add_parser(action, help=f"{action} a group")).add_argument("group")
+    with_db(group.add_parser("list", help="list groups and their members"))
+    for action in ("add-member", "remove-member"):
+        p = with_db(group.add_parser(action, help=f"{action.replace('-', ' ')} to or from a group"))
+        p.add_argument("group")
+        p.add_argument("user")
+    return parser.parse_args(argv)
+
+
+def ask_password(given):
+    if given is not None:
+        if not given:
+            die("the password must not be empty")
+        return given
+    if not sys.stdin.isatty():
+        line = sys.stdin.readline().rstrip("\n")
+        if not line:
+            die("no password given (use --password or type it on standard input)")
+        return line
+    first = getpass.getpass("Password: ")
+    if not first or first != getpass.getpass("Again: "):
+        die("the passwords are empty or do not match")
+    return first
+
+
+def open_db(path, durability="full") -> Database:
+    try:
+        return Database(path, durability)
+    except (sqlite3.Error, RuntimeError, OSError) as error:
+        die(f"cannot open database {path}: {error}")
+
+
+def ensure_user(db, user_id, password, display_name="", admin=False) -> None:
+    """Create a user, or reset its password; optionally make it an administrator."""
+    password_hash = hash_password(password)
+    if get_user(db, user_id) is None:
+        create_user(db, user_id, password_hash, display_name)
+    else:
+        set_password_hash(db, user_id, password_hash)
+    if admin:
+        if not group_exists(db, ADMIN_GROUP):
+            create_group(db, ADMIN_GROUP)
+        add_to_group(db, ADMIN_GROUP, user_id)
+
+
+def run_user_command(args, database):
+    action = args.action
+    if action == "list":
+        with database.read() as db:
+            for row in list_users(db):
+                groups = ",".join(groups_of(db, row["id"]))
+                print(f"{row['id']}\t{row['display_name']}\t{groups}")
+        return
+    if action == "add":
+        if not ID_PATTERN.fullmatch(args.name):
+            die("a user id is 1-64 of letters, digits, space and _.@'-")
+        with database.read() as db:
+            if get_user(db, args.name) is not None:
+                die(f"user {args.name} already exists")
+        password = ask_password(args.password)
+        with database.write() as db:
+            create_user(db, args.name, hash_password(password), args.display_name)
+        print(f"user {args.name} added")
+        return
+    with database.read() as db:
+        if get_user(db, args.name) is None:
+            die(f"no user {args.name}")
+    if action == "delete":
+        with database.write() as db:
+            delete_user(db, args.name)
+    elif action == "passwd":
+        password = ask_password(args.password)
+        with database.write() as db:
+            set_password_hash(db, args.name, hash_password(password))
+    elif action == "rename":
+        if not args.display_name.strip():
+            die("the display name must not be empty")
+        with database.write() as db:
+            set_display_name(db, args.name, args.display_name.strip())
+    print(f"user {args.name}: {action} done")
+
+
+def run_group_command(args, database):
+    action = args.action
+    if action == "list":
+        with database.read() as db:
+            for group_id in list_groups(db):
+                print(f"{group_id}\t{','.join(group_members(db, group_id))}")
+        return
+    with database.read() as db:
+        exists = group_exists(db, args.group)
+        if action in ("add-member", "remove-member") and get_user(db, args.user) is None:
+            die(f"no user {args.user}")
+    if action == "add":
+        if exists:
+            die(f"group {args.group} already exists")
+        if not ID_PATTERN.fullmatch(args.group):
+            die("a group id is 1-64 of letters, digits, space and _.@'-")
+        with database.write() as db:
+            create_group(db, args.group)
+    elif not exists:
+        die(f"no group {args.group}")
+    elif action == "delete":
+        with database.write() as db:
+            delete_group(db, args.group)
+    elif action == "add-member":
+        with database.write() as db:
+            add_to_group(db, args.group, args.user)
+    elif action == "remove-member":
+        with database.write() as db:
+            remove_from_group(db, args.group, args.user)
+    print(f"group {args.group}: {action} done")
+
+
+def bootstrap_accounts(database, demo) -> list[str]:
+    """The admin account and demo users; returns lines to print at start."""
+    lines = []
+    admin_user = env("TALK_ADMIN_USER", "admin")
+    admin_password = os.environ.get("TALK_ADMIN_PASSWORD")
+    with database.read() as db:
+        empty = count_users(db) == 0
+    if admin_password:
+        with database.write() as db:
+            ensure_user(db, admin_user, admin_password, admin=True)
+    elif empty:
+        admin_password = secrets.token_urlsafe(12)
+        with database.write() as db:
+            ensure_user(db, admin_user, admin_password, admin=True)
+        lines.append(
+            f"created administrator {admin_user!r} with password {admin_password!r} "
+            "(shown once; set TALK_ADMIN_PASSWORD to choose it)"
+        )
+    if demo:
+        demo_lines = []
+        for user_id, display_name in DEMO_USERS:
+            password = f"{user_id}-demo"
+            with database.write() as db:
+                ensure_user(db, user_id, password, display_name)
+            demo_lines.append(f"{user_id}/{password}")
+        lines.append("demo users (user/password): " + ", ".join(demo_lines))
+    return lines
+
+
+def run_serve(args):
+    stun = args.stun_server or [
+        s.strip() for s in env("TALK_STUN_SERVERS", DEFAULT_STUN).split(",") if s.strip()
+    ]
+    if args.threads < 2 or not 0 <= args.reserve < args.threads:
+        die("--threads must be at least 2 and --reserve between 0 and threads - 1")
+    started = time.monotonic()
+    try:
+        app = make_app(
+            args.db,
+            durability=args.durability,
+            threads=args.threads,
+            reserve=args.reserve,
+            stun_servers=stun,
+            turn_server=args.turn_server,
+            turn_secret=args.turn_secret,
+        )
+    except (sqlite3.Error, RuntimeError, OSError) as error:
+        die(f"cannot open database {args.db}: {error}")
+    for line in bootstrap_accounts(app.talk.db, args.demo):
+        print(line, flush=True)
+    try:
+        server = create_server(app, args.host, args.port, args.threads)
+    except OSError as error:
+        die(f"cannot listen on {args.host}:{args.port}: {error}")
+    url = f"http://{args.host}:{server.effective_port}"
+    print(
+        f"talk-server {__version__} on {url} (database {Path(args.db).resolve()}, "
+        f"{args.threads} threads, ready in {time.monotonic() - started:.2f} s)",
+        flush=True,
+    )
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        if stopping.is_set():
+            os._exit(1)  # a second Ctrl-C: stop now
+        stopping.set()
+        print("talk-server: stopping", file=sys.stderr, flush=True)
+        threading.Thread(target=stop_server, args=(server, app.talk), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.run()
+    server.task_dispatcher.shutdown(timeout=5)
+    app.talk.close()
+
+
+def main(argv=None):
+    """The talk-server command."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "serve":
+        return run_serve(args)
+    database = open_db(args.db)
+    try:
+        if args.command == "user":
+            run_user_command(args, database)
+        else:
+            run_group_command(args, database)
+    finally:
+        database.close()
+
+
+if __name__ == "__main__":
+    main()

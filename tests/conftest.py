@@ -1,0 +1,158 @@
+"""Fixtures: a fresh app per test, a clock the test moves, one client per actor.
+
+A test reads as who does what, expecting which code::
+
+    token = alice.post("/room", {"roomType": 2}, status=201).data["token"]
+    bob.get(f"/room/{token}", status=404)
+"""
+
+import base64
+
+import pytest
+import webtest
+
+import talk_server
+
+API = "/ocs/v2.php/apps/spreed/api/v1"
+CLOUD = "/ocs/v2.php/cloud"
+PASSWORD = "secret"
+START = 1_700_000_000
+
+
+class Clock:
+    """A clock tests move by hand: `clock.advance(31)` passes the active window."""
+
+    def __init__(self, now=START):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class Client:
+    """One actor's HTTP client: its own cookie jar, its own credentials.
+
+    Every call names its expected status; `.data` is the OCS data.
+    """
+
+    def __init__(self, app, user=None, password=PASSWORD, prefix=API):
+        self.test = webtest.TestApp(app)
+        self.user = user
+        self.prefix = prefix
+        self.headers = {"OCS-APIRequest": "true", "Accept": "application/json"}
+        if user is not None:
+            raw = f"{user}:{password}".encode()
+            self.headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
+
+    def request(self, method, path, params=None, status=200, headers=None, prefix=None):
+        url = (self.prefix if prefix is None else prefix) + path
+        all_headers = {**self.headers, **(headers or {})}
+        kwargs = {"headers": all_headers, "status": status, "expect_errors": True}
+        if method == "GET":
+            response = self.test.get(url, params or {}, **kwargs)
+        elif method == "POST":
+            response = self.test.post(url, params or {}, **kwargs)
+        elif method == "PUT":
+            response = self.test.put(url, params or {}, **kwargs)
+        else:
+            response = self.test.delete(url, params or "", **kwargs)
+        if response.content_type == "application/json" and "ocs" in response.json:
+            response.data = response.json["ocs"]["data"]
+            response.meta = response.json["ocs"]["meta"]
+        return response
+
+    def get(self, path, params=None, status=200, **kw):
+        return self.request("GET", path, params, status, **kw)
+
+    def post(self, path, params=None, status=200, **kw):
+        return self.request("POST", path, params, status, **kw)
+
+    def put(self, path, params=None, status=200, **kw):
+        return self.request("PUT", path, params, status, **kw)
+
+    def delete(self, path, params=None, status=200, **kw):
+        return self.request("DELETE", path, params, status, **kw)
+
+
+@pytest.fixture(scope="session")
+def password_hash():
+    """One scrypt hash for every test user: hashing is slow on purpose."""
+    return talk_server.hash_password(PASSWORD)
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "talk.db"
+
+
+@pytest.fixture
+def app(db_path, clock, password_hash):
+    """A fresh app with users alice (administrator), bob, carol and dave."""
+    app = talk_server.make_app(db_path, clock=clock, time_scale=0.01)
+    with app.talk.db.write() as db:
+        for user_id in ("alice", "bob", "carol", "dave"):
+            talk_server.create_user(db, user_id, password_hash, user_id.capitalize())
+        talk_server.create_group(db, "admin")
+        talk_server.add_to_group(db, "admin", "alice")
+    yield app
+    app.talk.close()
+
+
+@pytest.fixture
+def alice(app):
+    return Client(app, "alice")
+
+
+@pytest.fixture
+def bob(app):
+    return Client(app, "bob")
+
+
+@pytest.fixture
+def carol(app):
+    return Client(app, "carol")
+
+
+@pytest.fixture
+def dave(app):
+    return Client(app, "dave")
+
+
+@pytest.fixture
+def guest(app):
+    """A browser without an account: it gets a guest cookie when it joins."""
+    return Client(app)
+
+
+@pytest.fixture
+def other_guest(app):
+    return Client(app)
+
+
+@pytest.fixture
+def anonymous(app):
+    """No credentials and no cookie, ever (a fresh client per call would do too)."""
+    return Client(app)
+
+
+@pytest.fixture
+def wrong_password(app):
+    return Client(app, "alice", password="not-the-password")
+
+
+@pytest.fixture
+def make_client(app):
+    """Build more clients: make_client("bob", prefix=...)."""
+
+    def make(user=None, **kwargs):
+        return Client(app, user, **kwargs)
+
+    return make
