@@ -251,13 +251,17 @@ def error_page(error):
 # ---------------------------------------------------------------------------
 
 
-def schema_path():
-    """schema.sql beside this module (a checkout) or in talk_server_data (installed)."""
+def data_path(name):
+    """A file shipped beside this module (a checkout) or in talk_server_data (installed)."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "schema.sql", here / "talk_server_data" / "schema.sql"):
+    for candidate in (here / name, here / "talk_server_data" / name):
         if candidate.exists():
             return candidate
-    raise FileNotFoundError("schema.sql is missing from the installation")
+    raise FileNotFoundError(f"{name} is missing from the installation")
+
+
+def schema_path():
+    return data_path("schema.sql")
 
 
 SCHEMA_VERSION = 1
@@ -2086,6 +2090,18 @@ def status_php():
     )
 
 
+def static_file(path="index.html"):
+    """GET / and /static/...: the browser client; revalidated on every load."""
+    try:
+        root = data_path("static")
+    except FileNotFoundError:
+        return bottle.HTTPError(404, "The browser client is not installed")
+    answer = bottle.static_file(path, root=str(root))
+    answer.set_header("Cache-Control", "no-cache")
+    answer.set_header("X-Content-Type-Options", "nosniff")
+    return answer
+
+
 def require_admin(rq, db):
     if not is_admin(db, rq.actor.user_id):
         fail(403, "Only administrators may do this")
@@ -2443,6 +2459,8 @@ def make_app(db_path, **options) -> bottle.Bottle:
             for prefix in prefixes:
                 app.route(prefix + path, method, callback)
     app.route("/status.php", "GET", status_php)
+    app.route("/", "GET", static_file)
+    app.route("/static/<path:path>", "GET", static_file)
     for status in (400, 404, 405, 413, 500):
         app.error(status)(error_page)
     return app
