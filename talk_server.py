@@ -107,6 +107,9 @@ DEMO_USERS = (("alice", "Alice"), ("bob", "Bob"), ("carol", "Carol"))
 GUEST_COOKIE = "talk_guest"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 CREDENTIAL_CACHE_SECONDS = 300
+THROTTLE_FREE_FAILURES = 5  # failed logins from one address before any delay
+THROTTLE_MAX_DELAY = 300  # seconds
+ROOMS_PER_MINUTE = 30  # rooms one user may create in a minute
 
 # Serving
 DEFAULT_HOST = "127.0.0.1"
@@ -127,6 +130,7 @@ STATUS_MESSAGES = {
     405: "Method not allowed",
     412: "Precondition failed",
     413: "Request body too large",
+    429: "Too many requests",
     500: "Internal server error",
 }
 
@@ -1355,17 +1359,87 @@ def guest_hash(cookie: str) -> str:
     return hashlib.sha256(cookie.encode("utf-8")).hexdigest()
 
 
+class Throttle:
+    """Slows down password guessing from one address, as Nextcloud's brute-force
+    protection does, but without holding a worker thread: after a few failures
+    an address is refused with 429 and Retry-After for a delay that doubles
+    with each further failure. A success resets the address; other addresses
+    are never affected.
+    """
+
+    def __init__(self, free=THROTTLE_FREE_FAILURES, max_delay=THROTTLE_MAX_DELAY):
+        self.free = free
+        self.max_delay = max_delay
+        self._failures: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, address: str) -> None:
+        """Raise 429 while the address must wait."""
+        with self._lock:
+            count, last = self._failures.get(address, (0, 0.0))
+        if count < self.free:
+            return
+        delay = min(2 ** (count - self.free), self.max_delay)
+        wait = last + delay - time.monotonic()
+        if wait > 0:
+            bottle.response.set_header("Retry-After", str(int(wait) + 1))
+            fail(429, f"Too many failed attempts; try again in {int(wait) + 1} s")
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failures) > 10000:  # forget the quiet ones
+                cutoff = now - 2 * self.max_delay
+                self._failures = {a: f for a, f in self._failures.items() if f[1] > cutoff}
+            count, _ = self._failures.get(address, (0, 0.0))
+            self._failures[address] = (count + 1, now)
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)
+
+
+class RateLimit:
+    """At most `limit` events per key in a sliding minute (room creation)."""
+
+    def __init__(self, limit, seconds=60.0):
+        self.limit = limit
+        self.seconds = seconds
+        self._events: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str, what: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._events.get(key, ()) if t > now - self.seconds]
+            if len(recent) >= self.limit:
+                self._events[key] = recent
+                retry = int(recent[0] + self.seconds - now) + 1
+                bottle.response.set_header("Retry-After", str(retry))
+                fail(429, f"At most {self.limit} {what} a minute; try again in {retry} s")
+            recent.append(now)
+            self._events[key] = recent
+
+
+def client_address(environ) -> str:
+    return environ.get("REMOTE_ADDR") or "unknown"
+
+
 def authenticate(talk, environ, need_user: bool) -> Actor:
     """The caller from Basic auth or the guest cookie; 401 when that fails (SPEC 1.5)."""
     header = environ.get("HTTP_AUTHORIZATION")
     if header:
+        address = client_address(environ)
+        talk.throttle.check(address)
         credentials = basic_credentials(header)
-        if credentials is None:
-            fail(401, "Malformed credentials")
-        with talk.db.read() as db:
-            row = talk.credentials.verify(db, *credentials)
+        row = None
+        if credentials is not None:
+            with talk.db.read() as db:
+                row = talk.credentials.verify(db, *credentials)
         if row is None:
+            talk.throttle.failed(address)
             fail(401, "Wrong user name or password")
+        talk.throttle.succeeded(address)
         return Actor(user_id=row["id"], display_name=row["display_name"])
     if need_user:
         fail(401, "Authentication required")
@@ -1562,6 +1636,7 @@ def room_create(rq):
     invite = rq.text("invite", "")
     name = room_name_param(rq) or ""
     me, now = rq.actor.user_id, rq.now
+    rq.talk.room_creation.take(me, "new rooms")
     with rq.talk.db.write() as db:
         if room_type == ROOM_ONE_TO_ONE:
             if not invite or get_user(db, invite) is None:
@@ -1765,8 +1840,13 @@ def participant_join(rq, token):
     )
     # Join a room: types 4 and 5 give the room password (checked before the
     # write transaction, as scrypt is slow).
-    if needs_password and not rq.talk.credentials.check(room["password_hash"], password):
-        fail(403, "Wrong room password")
+    if needs_password:
+        address = client_address(bottle.request.environ)
+        rq.talk.throttle.check(address)
+        if not rq.talk.credentials.check(room["password_hash"], password):
+            rq.talk.throttle.failed(address)
+            fail(403, "Wrong room password")
+        rq.talk.throttle.succeeded(address)
     guest_id = None if actor.user_id else rq.guest_id()
     with rq.talk.db.write() as db:
         room, me = room_for(db, actor, token, SEE)
@@ -1903,13 +1983,13 @@ def chat_receive(rq, token):
 def chat_send(rq, token):
     """POST /chat/{token}: Sending a new chat message."""
     message = (rq.text("message", "") or "").strip()
-    if not message:
-        fail(400, "The message is empty")
-    if len(message) > MESSAGE_MAX:
-        fail(400, f"The message is longer than {MESSAGE_MAX} characters")
     now = rq.now
     with rq.talk.db.write() as db:
         room, me = room_for(db, rq.actor, token, CHAT)
+        if not message:
+            fail(400, "The message is empty")
+        if len(message) > MESSAGE_MAX:
+            fail(400, f"The message is longer than {MESSAGE_MAX} characters")
         if rq.actor.user_id:
             actor_type, actor_id = "users", rq.actor.user_id
         else:
@@ -2350,6 +2430,8 @@ class Talk:
         turn_server="",
         turn_secret="",
         signaling_queue_max=SIGNALING_QUEUE_MAX,
+        rooms_per_minute=ROOMS_PER_MINUTE,
+        throttle_free_failures=THROTTLE_FREE_FAILURES,
     ):
         if durability not in ("full", "normal"):
             raise ValueError("durability must be full or normal")
@@ -2363,6 +2445,8 @@ class Talk:
         self.turn_server = turn_server
         self.turn_secret = turn_secret
         self.signaling_queue_max = signaling_queue_max
+        self.room_creation = RateLimit(rooms_per_minute)
+        self.throttle = Throttle(throttle_free_failures)
 
     def room_changed(self, room_id, chat=False):
         """Wake the room's signaling polls (and chat polls when the room went)."""
@@ -2447,7 +2531,7 @@ def make_app(db_path, **options) -> bottle.Bottle:
     durability ("full" or "normal"), threads and reserve (the long-poll
     budget), time_scale (multiplies every long-poll wait; tests use a small
     one), max_body (bytes), stun_servers, turn_server, turn_secret,
-    signaling_queue_max. The app's state is `app.talk`; `app.talk.close()`
+    signaling_queue_max, rooms_per_minute, throttle_free_failures. The app's state is `app.talk`; `app.talk.close()`
     ends waits and closes the database.
     """
     talk = Talk(db_path, **options)
@@ -2612,6 +2696,9 @@ def parse_args(argv):
     rename.add_argument("name")
     rename.add_argument("display_name")
 
+    backup = with_db(commands.add_parser("backup", help="copy the database safely, even while serving"))
+    backup.add_argument("destination", help="a new file to write the copy to")
+
     group = commands.add_parser("group", help="manage groups").add_subparsers(dest="action", required=True)
     for action in ("add", "delete"):
         with_db(group.add_parser(action, help=f"{action} a group")).add_argument("group")
@@ -2728,6 +2815,22 @@ def run_group_command(args, database):
     print(f"group {args.group}: {action} done")
 
 
+def run_backup(args):
+    """Copy the database with SQLite's online backup: consistent while serving."""
+    destination = Path(args.destination)
+    if destination.exists():
+        die(f"{destination} exists; choose a new file")
+    database = open_db(args.db)
+    try:
+        target = sqlite3.connect(str(destination))
+        with database.read() as source:
+            source.backup(target)
+        target.close()
+    finally:
+        database.close()
+    print(f"backed up {args.db} to {destination}")
+
+
 def bootstrap_accounts(database, demo) -> list[str]:
     """The admin account and demo users; returns lines to print at start."""
     lines = []
@@ -2809,6 +2912,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "backup":
+        return run_backup(args)
     database = open_db(args.db)
     try:
         if args.command == "user":
