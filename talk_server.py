@@ -165,8 +165,10 @@ class Reply:
 
 def ocs_meta(version, status, message):
     """The envelope's meta for OCS `version` (1 or 2) and HTTP-like `status`."""
+    # Failed authentication carries Nextcloud's statuscode 997 (SPEC 1.5).
+    code = 997 if status == 401 else status
     if version == 1:
-        code = 100 if 200 <= status < 300 else status
+        code = 100 if 200 <= status < 300 else code
         return {
             "status": "ok" if code == 100 else "failure",
             "statuscode": code,
@@ -176,7 +178,7 @@ def ocs_meta(version, status, message):
         }
     return {
         "status": "ok" if 200 <= status < 300 else "failure",
-        "statuscode": status,
+        "statuscode": code,
         "message": message,
     }
 
@@ -1285,7 +1287,7 @@ def read_body(environ, max_body):
         return body
     if ctype in ("", "application/x-www-form-urlencoded", "text/plain"):
         try:
-            return dict(parse_qsl(text, keep_blank_values=True, strict_parsing=False))
+            return dict(parse_qsl(text, keep_blank_values=True, errors="strict"))
         except ValueError:
             fail(400, "Malformed form body")
     if ctype.startswith("multipart/"):
