@@ -945,15 +945,20 @@ def messages_after(db, room_id, offset, not_older_than, limit) -> list[sqlite3.R
     Timestamps never decrease along seq, so the first seq past the timestamp
     and the skip are two index lookups, whatever the room's history.
     """
+    # The first index entry past the timestamp is the lowest seq there (min()
+    # would read the whole range).
     first = db.execute(
         """
-        SELECT min(seq) FROM messages
+        SELECT seq FROM messages
          WHERE room_id = :room_id AND timestamp > :since
+         ORDER BY timestamp, id
+         LIMIT 1
         """,
         {"room_id": room_id, "since": not_older_than},
-    ).fetchone()[0]
+    ).fetchone()
     if first is None:
         return []
+    first = first[0]
     return db.execute(
         f"""
         SELECT {MESSAGE_COLUMNS}
@@ -1969,16 +1974,17 @@ def chat_receive(rq, token):
     with talk.db.read() as db:
         room, _ = room_for(db, rq.actor, token, CHAT)
     with talk.notifier.listen(chat_key(room["id"])) as waiter:
+        last_look = False
         while True:
             with talk.db.read() as db:
                 room, _ = room_for(db, rq.actor, token, CHAT)
                 rows = messages_after(db, room["id"], offset, since, CHAT_PAGE_MAX)
             left = (deadline - time.monotonic()) / talk.notifier.time_scale
-            if rows or left <= 0 or talk.notifier.closed:
+            if rows or last_look or left <= 0 or talk.notifier.closed:
                 break
-            if not talk.notifier.wait(waiter, left, rq.wait_cancelled):
-                if rq.wait_cancelled():
-                    break
+            # Not notified means timed out, over the budget, client gone or
+            # shutting down: look once more, then answer.
+            last_look = not talk.notifier.wait(waiter, left, rq.wait_cancelled)
     return [message_json(row, room["token"]) for row in reversed(rows)]
 
 
@@ -2108,18 +2114,13 @@ def signaling_receive(rq, token=None):
         if my_session is None:
             raise gone
         touch(db, session_by_id(db, my_session)["participant_id"], rq.now)
-    deadline = time.monotonic() + SIGNALING_TIMEOUT * talk.notifier.time_scale
     with talk.notifier.listen(room_key(room_id), session_key(my_session)) as waiter:
-        while True:
-            with talk.db.read() as db:
-                if session_by_id(db, my_session) is None:
-                    raise gone
-                pending = has_signaling(db, my_session)
-            left = (deadline - time.monotonic()) / talk.notifier.time_scale
-            if pending or left <= 0 or talk.notifier.closed:
-                break
-            if talk.notifier.wait(waiter, left, rq.wait_cancelled) or rq.wait_cancelled():
-                break  # a room event: answer with the new usersInRoom
+        with talk.db.read() as db:
+            pending = has_signaling(db, my_session)
+        if not pending:
+            # Any wake-up answers: a message for us, a room event (the new
+            # usersInRoom is the news), the timeout, the client gone, shutdown.
+            talk.notifier.wait(waiter, SIGNALING_TIMEOUT, rq.wait_cancelled)
     now = rq.now
     with talk.db.write() as db:
         if session_by_id(db, my_session) is None:
@@ -2425,7 +2426,7 @@ class Talk:
         clock=time.time,
         durability="full",
         threads=DEFAULT_THREADS,
-        reserve=DEFAULT_RESERVE,
+        reserve=None,
         time_scale=1.0,
         max_body=DEFAULT_MAX_BODY,
         stun_servers=(DEFAULT_STUN,),
@@ -2440,7 +2441,11 @@ class Talk:
         self.db = Database(db_path, durability)
         self.clock = clock
         self.threads = threads
-        self.notifier = Notifier(max(threads - reserve, 0), time_scale=time_scale)
+        if reserve is None:  # small pools (tests, embedding) keep a quarter back
+            reserve = min(DEFAULT_RESERVE, max(1, threads // 4))
+        self.notifier = Notifier(
+            max(threads - reserve, 0), overflow_wait=0.5, time_scale=time_scale
+        )
         self.credentials = Credentials()
         self.max_body = max_body
         self.stun_servers = list(stun_servers)
