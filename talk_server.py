@@ -1285,7 +1285,9 @@ def read_body(environ, max_body):
     if ctype == "application/json" or ctype.endswith("+json"):
         try:
             body = json.loads(text)
-        except ValueError:
+            # Lone surrogates ("\\ud800") parse but can be neither stored nor sent.
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except (ValueError, RecursionError):
             fail(400, "Request body is not valid JSON")
         if not isinstance(body, dict):
             fail(400, "JSON body must be an object")
@@ -1340,7 +1342,7 @@ class Call:
             if not re.fullmatch(r"\s*[+-]?\d{1,18}\s*", value):
                 fail(400, f"Parameter {name} must be an integer")
             value = int(value)
-        if not isinstance(value, int):
+        if not isinstance(value, int) or abs(value) >= 10**18:  # SQLite holds 63 bits
             fail(400, f"Parameter {name} must be an integer")
         if minimum is not None and value < minimum:
             fail(400, f"Parameter {name} must be at least {minimum}")
@@ -1849,11 +1851,11 @@ def participant_join(rq, token):
     # write transaction, as scrypt is slow).
     if needs_password:
         address = client_address(bottle.request.environ)
-        rq.talk.throttle.check(address)
+        rq.talk.room_throttle.check(address)
         if not rq.talk.credentials.check(room["password_hash"], password):
-            rq.talk.throttle.failed(address)
+            rq.talk.room_throttle.failed(address)
             fail(403, "Wrong room password")
-        rq.talk.throttle.succeeded(address)
+        rq.talk.room_throttle.succeeded(address)
     guest_id = None if actor.user_id else rq.guest_id()
     with rq.talk.db.write() as db:
         room, me = room_for(db, actor, token, SEE)
@@ -2453,7 +2455,9 @@ class Talk:
         self.turn_secret = turn_secret
         self.signaling_queue_max = signaling_queue_max
         self.room_creation = RateLimit(rooms_per_minute)
-        self.throttle = Throttle(throttle_free_failures)
+        self.throttle = Throttle(throttle_free_failures)  # logins
+        # Room passwords apart: a user's successful login must not reset them.
+        self.room_throttle = Throttle(throttle_free_failures)
 
     def room_changed(self, room_id, chat=False):
         """Wake the room's signaling polls (and chat polls when the room went)."""
