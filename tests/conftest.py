@@ -11,6 +11,7 @@ import hashlib
 
 import pytest
 import webtest
+from helpers import add, create, join, promote
 
 import talk_server
 
@@ -166,3 +167,36 @@ def make_client(app):
         return Client(app, user, **kwargs)
 
     return make
+
+
+# --- Rooms shared by the room and participant tests --------------------------
+
+
+@pytest.fixture
+def group_room(alice, bob, carol):
+    """A group room "Team": alice owner, bob moderator, carol member; dave is no member."""
+    token = create(alice, 2, roomName="Team")
+    add(alice, token, "bob")
+    promote(alice, token, "bob")
+    add(alice, token, "carol")
+    return token
+
+
+@pytest.fixture
+def public_room(alice, bob, carol, dave, guest):
+    """A public room "Open": alice owner, bob moderator, carol member,
+    dave self-joined (type 5), a guest joined with a cookie (type 4)."""
+    token = create(alice, 3, roomName="Open")
+    add(alice, token, "bob")
+    promote(alice, token, "bob")
+    add(alice, token, "carol")
+    join(dave, token)
+    join(guest, token)
+    return token
+
+
+@pytest.fixture
+def guest_with_cookie(guest, alice):
+    """The guest, holding a cookie from joining some other public room."""
+    join(guest, create(alice, 3, roomName="Lobby"))
+    return guest

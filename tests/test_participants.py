@@ -7,112 +7,27 @@ a guest with a cookie, a logged-in non-member and an anonymous caller.
 
 import re
 
-import pytest
+from helpers import (
+    add,
+    create,
+    demote,
+    join,
+    leave,
+    listed,
+    promote,
+    remove,
+    remove_guest,
+    remove_self,
+    room_of,
+    scalar,
+    tokens,
+    types,
+)
 
 CLOUD = "/ocs/v2.php/cloud"
 START = 1_700_000_000  # the conftest clock's start
 SESSION_ID = re.compile(r"[A-Za-z0-9]{512}")
 PARTICIPANT_KEYS = {"userId", "displayName", "participantType", "lastPing", "sessionId", "inCall"}
-
-# ---------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------
-
-
-def create(client, room_type, status=201, **params):
-    """POST /room and return the token."""
-    return client.post("/room", {"roomType": room_type, **params}, status=status).data["token"]
-
-
-def join(client, token, status=200, **params):
-    """POST /room/{token}/participants/active; the session id on success."""
-    response = client.post(f"/room/{token}/participants/active", params, status=status)
-    return response.data["sessionId"] if status == 200 else None
-
-
-def leave(client, token, status=200):
-    return client.delete(f"/room/{token}/participants/active", status=status)
-
-
-def add(client, token, user, status=200):
-    return client.post(f"/room/{token}/participants", {"newParticipant": user}, status=status)
-
-
-def remove(client, token, user, status=200):
-    return client.delete(f"/room/{token}/participants", {"participant": user}, status=status)
-
-
-def remove_guest(client, token, session_id, status=200):
-    return client.delete(
-        f"/room/{token}/participants/guests", {"participant": session_id}, status=status
-    )
-
-
-def remove_self(client, token, status=200):
-    return client.delete(f"/room/{token}/participants/self", status=status)
-
-
-def promote(client, token, user, status=200):
-    return client.post(f"/room/{token}/moderators", {"participant": user}, status=status)
-
-
-def demote(client, token, user, status=200):
-    return client.delete(f"/room/{token}/moderators", {"participant": user}, status=status)
-
-
-def room_of(client, token, status=200):
-    return client.get(f"/room/{token}", status=status).data
-
-
-def listed(client, token, status=200):
-    return client.get(f"/room/{token}/participants", status=status).data
-
-
-def types(client, token):
-    """Who has a row and with which type: users by id, guests as "guest"."""
-    return sorted(
-        (row["userId"] or "guest", row["participantType"]) for row in listed(client, token)
-    )
-
-
-def tokens(client):
-    return [room["token"] for room in client.get("/room").data]
-
-
-def scalar(app, sql, *params):
-    """One value straight from the database."""
-    with app.talk.db.read() as db:
-        return db.execute(sql, params).fetchone()[0]
-
-
-@pytest.fixture
-def group_room(alice, bob, carol):
-    """A group room "Team": alice owner, bob moderator, carol member; dave is no member."""
-    token = create(alice, 2, roomName="Team")
-    add(alice, token, "bob")
-    promote(alice, token, "bob")
-    add(alice, token, "carol")
-    return token
-
-
-@pytest.fixture
-def public_room(alice, bob, carol, dave, guest):
-    """A public room "Open": alice owner, bob moderator, carol member,
-    dave self-joined (type 5), a guest joined with a cookie (type 4)."""
-    token = create(alice, 3, roomName="Open")
-    add(alice, token, "bob")
-    promote(alice, token, "bob")
-    add(alice, token, "carol")
-    join(dave, token)
-    join(guest, token)
-    return token
-
-
-@pytest.fixture
-def guest_with_cookie(guest, alice):
-    """The guest, holding a cookie from joining some other public room."""
-    join(guest, create(alice, 3, roomName="Lobby"))
-    return guest
 
 
 def guest_session(client, token):

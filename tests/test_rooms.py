@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from helpers import add, create, join, make_group, promote, room_of, tokens, types
 
 CLOUD = "/ocs/v2.php/cloud"
 START = 1_700_000_000  # the conftest clock's start
@@ -33,81 +34,6 @@ ROOM_KEYS = [
     "numGuests",
     "guestList",
 ]
-
-# ---------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------
-
-
-def create(client, room_type, status=201, **params):
-    """POST /room and return the token."""
-    return client.post("/room", {"roomType": room_type, **params}, status=status).data["token"]
-
-
-def join(client, token, status=200, **params):
-    """POST /room/{token}/participants/active; the session id on success."""
-    response = client.post(f"/room/{token}/participants/active", params, status=status)
-    return response.data["sessionId"] if status == 200 else None
-
-
-def add(client, token, user, status=200):
-    return client.post(f"/room/{token}/participants", {"newParticipant": user}, status=status)
-
-
-def promote(client, token, user, status=200):
-    return client.post(f"/room/{token}/moderators", {"participant": user}, status=status)
-
-
-def room_of(client, token, status=200):
-    return client.get(f"/room/{token}", status=status).data
-
-
-def types(client, token):
-    """Who has a row and with which type: users by id, guests as "guest"."""
-    rows = client.get(f"/room/{token}/participants").data
-    return sorted((row["userId"] or "guest", row["participantType"]) for row in rows)
-
-
-def tokens(client):
-    return [room["token"] for room in client.get("/room").data]
-
-
-def make_group(alice, group, *users):
-    """Create a group and its members through the provisioning API."""
-    alice.post("/groups", {"groupid": group}, prefix=CLOUD)
-    for user in users:
-        alice.post(f"/users/{user}/groups", {"groupid": group}, prefix=CLOUD)
-
-
-@pytest.fixture
-def group_room(alice, bob, carol):
-    """A group room "Team": alice owner, bob moderator, carol member; dave is no member."""
-    token = create(alice, 2, roomName="Team")
-    add(alice, token, "bob")
-    promote(alice, token, "bob")
-    add(alice, token, "carol")
-    return token
-
-
-@pytest.fixture
-def public_room(alice, bob, carol, dave, guest):
-    """A public room "Open": alice owner, bob moderator, carol member,
-    dave self-joined (type 5), a guest joined with a cookie (type 4)."""
-    token = create(alice, 3, roomName="Open")
-    add(alice, token, "bob")
-    promote(alice, token, "bob")
-    add(alice, token, "carol")
-    join(dave, token)
-    join(guest, token)
-    return token
-
-
-@pytest.fixture
-def guest_with_cookie(guest, alice):
-    """The guest, holding a cookie from joining some other public room."""
-    join(guest, create(alice, 3, roomName="Lobby"))
-    return guest
-
 
 # ---------------------------------------------------------------------------
 # The room object (SPEC 3)

@@ -1,0 +1,76 @@
+"""Shared steps of the room and participant tests: one call each, status checked."""
+
+CLOUD = "/ocs/v2.php/cloud"
+
+
+def create(client, room_type, status=201, **params):
+    """POST /room and return the token."""
+    return client.post("/room", {"roomType": room_type, **params}, status=status).data["token"]
+
+
+def join(client, token, status=200, **params):
+    """POST /room/{token}/participants/active; the session id on success."""
+    response = client.post(f"/room/{token}/participants/active", params, status=status)
+    return response.data["sessionId"] if status == 200 else None
+
+
+def leave(client, token, status=200):
+    return client.delete(f"/room/{token}/participants/active", status=status)
+
+
+def add(client, token, user, status=200):
+    return client.post(f"/room/{token}/participants", {"newParticipant": user}, status=status)
+
+
+def remove(client, token, user, status=200):
+    return client.delete(f"/room/{token}/participants", {"participant": user}, status=status)
+
+
+def remove_guest(client, token, session_id, status=200):
+    return client.delete(
+        f"/room/{token}/participants/guests", {"participant": session_id}, status=status
+    )
+
+
+def remove_self(client, token, status=200):
+    return client.delete(f"/room/{token}/participants/self", status=status)
+
+
+def promote(client, token, user, status=200):
+    return client.post(f"/room/{token}/moderators", {"participant": user}, status=status)
+
+
+def demote(client, token, user, status=200):
+    return client.delete(f"/room/{token}/moderators", {"participant": user}, status=status)
+
+
+def room_of(client, token, status=200):
+    return client.get(f"/room/{token}", status=status).data
+
+
+def listed(client, token, status=200):
+    return client.get(f"/room/{token}/participants", status=status).data
+
+
+def types(client, token):
+    """Who has a row and with which type: users by id, guests as "guest"."""
+    return sorted(
+        (row["userId"] or "guest", row["participantType"]) for row in listed(client, token)
+    )
+
+
+def tokens(client):
+    return [room["token"] for room in client.get("/room").data]
+
+
+def scalar(app, sql, *params):
+    """One value straight from the database."""
+    with app.talk.db.read() as db:
+        return db.execute(sql, params).fetchone()[0]
+
+
+def make_group(alice, group, *users):
+    """Create a group and its members through the provisioning API."""
+    alice.post("/groups", {"groupid": group}, prefix=CLOUD)
+    for user in users:
+        alice.post(f"/users/{user}/groups", {"groupid": group}, prefix=CLOUD)
