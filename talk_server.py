@@ -27,7 +27,9 @@ __version__ = "0.1.0"
 
 import argparse
 import base64
+import collections
 import contextlib
+import ctypes
 import getpass
 import hashlib
 import hmac
@@ -47,6 +49,8 @@ from xml.sax.saxutils import escape as xml_escape
 
 import bottle
 import waitress
+import waitress.task
+import waitress.wasyncore
 
 # ---------------------------------------------------------------------------
 # Constants, in the API document's order
@@ -1215,28 +1219,39 @@ class Credentials:
         # scrypt takes 16 MiB a hash: two at a time keep a burst of first
         # logins from swelling the process (SPEC 1.5).
         self._hashing = threading.BoundedSemaphore(2)
+        self._stripes = [threading.Lock() for _ in range(16)]
+        self._dummy = None
 
     def _fast(self, user_id, password):
         return hmac.new(self._key, f"{user_id}\0{password}".encode(), "sha256").digest()
 
-    def verify(self, db, user_id: str, password: str):
-        """The user's row when the password is right, else None."""
-        row = get_user(db, user_id)
-        if row is None:
-            return None
-        fast = self._fast(user_id, password)
+    def _cached(self, row, fast) -> bool:
         with self._lock:
-            cached = self._cache.get(user_id)
-        if (
+            cached = self._cache.get(row["id"])
+        return bool(
             cached
             and cached[1] == row["password_hash"]
             and cached[2] > time.monotonic()
             and hmac.compare_digest(cached[0], fast)
-        ):
+        )
+
+    def verify(self, db, user_id: str, password: str):
+        """The user's row when the password is right, else None."""
+        row = get_user(db, user_id)
+        fast = self._fast(user_id, password)
+        if row is not None and self._cached(row, fast):
             return row
-        with self._hashing:
-            ok = check_password(row["password_hash"], password)
-        if not ok:
+        # One full check per user at a time: a burst of first requests from
+        # one client waits for the first check instead of each paying for it.
+        with self._stripes[hash(user_id) % len(self._stripes)]:
+            if row is not None and self._cached(row, fast):
+                return row
+            with self._hashing:
+                if self._dummy is None:
+                    self._dummy = hash_password(secrets.token_hex(8))
+                # Unknown users cost a hash too, so timing does not tell them.
+                ok = check_password(row["password_hash"] if row else self._dummy, password)
+        if not ok or row is None:
             return None
         with self._lock:
             if len(self._cache) > 10000:
@@ -2566,13 +2581,105 @@ def make_app(db_path, **options) -> bottle.Bottle:
 # ---------------------------------------------------------------------------
 
 
+# A GET that may wait: chat receive (unless timeout=0) and signaling receive.
+LONG_POLL_PATH = re.compile(r"/apps/spreed/api/v1/(chat/[^/]+|signaling(/(?!settings$)[^/]+)?)$")
+
+
+def is_long_poll(channel) -> bool:
+    """Whether the request a Waitress channel is about to serve may wait."""
+    request = channel.requests[0] if getattr(channel, "requests", None) else None
+    if request is None or request.command != "GET" or not LONG_POLL_PATH.search(request.path):
+        return False
+    return not re.search(r"(^|&)timeout=0+(&|$)", request.query or "")
+
+
+class LongPollDispatcher(waitress.task.ThreadedTaskDispatcher):
+    """Waitress's worker pool, where long-polls may hold at most `slots` threads.
+
+    A long-poll that finds every slot taken is held back here, costing no
+    thread, until a running one answers; everything else is queued as
+    usual, so the threads outside the slots (the reserve) always serve
+    sends, joins and pings, and a client over the budget waits instead of
+    spinning.
+    """
+
+    def __init__(self, slots):
+        super().__init__()
+        self.slots = slots
+        self.polls = 0  # long-polls queued or running
+        self.held = collections.deque()
+
+    def add_task(self, task):
+        if is_long_poll(task):
+            with self.lock:
+                if self.polls >= self.slots:
+                    self.held.append(task)
+                    return
+                self.polls += 1
+            task = PollSlot(self, task)
+        super().add_task(task)
+
+    def poll_done(self):
+        with self.lock:
+            self.polls -= 1
+            if not self.held or self.polls >= self.slots:
+                return
+            self.polls += 1
+            task = self.held.popleft()
+        super().add_task(PollSlot(self, task))
+
+    def shutdown(self, cancel_pending=True, timeout=5):
+        with self.lock:
+            held, self.held = list(self.held), collections.deque()
+        for task in held:
+            task.cancel()
+        return super().shutdown(cancel_pending, timeout)
+
+
+class PollSlot:
+    """A long-poll task holding one of the dispatcher's slots until it ends."""
+
+    def __init__(self, dispatcher, task):
+        self.dispatcher = dispatcher
+        self.task = task
+
+    def service(self):
+        try:
+            self.task.service()
+        finally:
+            self.dispatcher.poll_done()
+
+    def cancel(self):
+        try:
+            self.task.cancel()
+        finally:
+            self.dispatcher.poll_done()
+
+
+def tune_memory():
+    """Give scrypt's 16 MiB buffers back to the system after each hash.
+
+    glibc otherwise keeps them in per-thread arenas: a burst of first logins
+    on many threads leaves the process hundreds of MiB larger (SPEC 1.5).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD: big blocks come from mmap
+        libc.mallopt(-8, 2)  # M_ARENA_MAX: two arenas, not eight per core
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def create_server(app, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS):
     """A Waitress server set up for long-polls."""
+    dispatcher = LongPollDispatcher(app.talk.notifier.max_waiting)
+    dispatcher.set_thread_count(threads)
     return waitress.create_server(
         app,
         host=host,
         port=port,
         threads=threads,
+        _dispatcher=dispatcher,
         # One request read ahead lets Waitress see a client hang up while
         # its long-poll waits (environ["waitress.client_disconnected"]).
         channel_request_lookahead=1,
@@ -2878,6 +2985,7 @@ def run_serve(args):
     if args.threads < 2 or not 0 <= args.reserve < args.threads:
         die("--threads must be at least 2 and --reserve between 0 and threads - 1")
     started = time.monotonic()
+    tune_memory()
     try:
         app = make_app(
             args.db,
