@@ -45,7 +45,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
-from xml.sax.saxutils import escape as xml_escape
 
 import bottle
 import waitress
@@ -56,8 +55,10 @@ import waitress.wasyncore
 # Constants, in the API document's order
 # ---------------------------------------------------------------------------
 
-API_PREFIXES = ("/ocs/v2.php/apps/spreed/api/v1", "/ocs/v1.php/apps/spreed/api/v1")
-CLOUD_PREFIXES = ("/ocs/v2.php/cloud", "/ocs/v1.php/cloud")
+# One route serves OCS v1 and v2 (<ocs> is "1" or "2"): half the routes to
+# compile at start.
+API_PREFIX = "/ocs/v<ocs:re:[12]>.php/apps/spreed/api/v1"
+CLOUD_PREFIX = "/ocs/v<ocs:re:[12]>.php/cloud"
 
 # Room types
 ROOM_ONE_TO_ONE = 1
@@ -194,6 +195,10 @@ def http_status(version, status):
     return status
 
 
+def xml_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def xml_value(value):
     """Encode a JSON-able value as OCS XML: lists as <element>, true as 1."""
     if isinstance(value, dict):
@@ -203,7 +208,7 @@ def xml_value(value):
             if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
                 parts.append(f"<{key}>{xml_value(item)}</{key}>")
             else:
-                attr = xml_escape(key, {'"': "&quot;"})
+                attr = xml_escape(key).replace('"', "&quot;")
                 parts.append(f'<element key="{attr}">{xml_value(item)}</element>')
         return "".join(parts)
     if isinstance(value, list | tuple):
@@ -2514,10 +2519,10 @@ class Talk:
 def ocs_callback(talk, handler, who):
     """Wrap a handler: auth, CSRF, parameters, errors and the envelope, in one place."""
 
-    def wrapper(**url_args):
+    def wrapper(ocs, **url_args):
         request = bottle.request
         environ = request.environ
-        version = ocs_version(request.path)
+        version = int(ocs)
         fmt = format_from_accept(environ)
         try:
             query = {key: request.query.getunicode(key) for key in request.query.keys()}
@@ -2563,11 +2568,9 @@ def make_app(db_path, **options) -> bottle.Bottle:
     talk = Talk(db_path, **options)
     app = bottle.Bottle(catchall=True)
     app.talk = talk
-    for prefixes, table in ((API_PREFIXES, ROUTES), (CLOUD_PREFIXES, CLOUD_ROUTES)):
+    for prefix, table in ((API_PREFIX, ROUTES), (CLOUD_PREFIX, CLOUD_ROUTES)):
         for method, path, handler, who in table:
-            callback = ocs_callback(talk, handler, who)
-            for prefix in prefixes:
-                app.route(prefix + path, method, callback)
+            app.route(prefix + path, method, ocs_callback(talk, handler, who))
     app.route("/status.php", "GET", status_php)
     app.route("/", "GET", static_file)
     app.route("/static/<path:path>", "GET", static_file)
