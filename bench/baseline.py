@@ -24,7 +24,7 @@ ENVELOPE = json.dumps(
 ).encode()
 
 
-def make_app() -> bottle.Bottle:
+def make_app(threads: int) -> bottle.Bottle:
     """Every GET or POST path answers the same envelope."""
     app = bottle.Bottle(catchall=True)
 
@@ -34,8 +34,9 @@ def make_app() -> bottle.Bottle:
 
     app.route("/", ["GET", "POST"], answer)
     app.route("/<path:path>", ["GET", "POST"], answer)
-    # create_server reads the body limit from app.talk.
-    app.talk = types.SimpleNamespace(max_body=talk_server.DEFAULT_MAX_BODY)
+    # create_server reads the body limit and the long-poll budget from app.talk.
+    budget = types.SimpleNamespace(max_waiting=threads - talk_server.DEFAULT_RESERVE)
+    app.talk = types.SimpleNamespace(max_body=talk_server.DEFAULT_MAX_BODY, notifier=budget)
     return app
 
 
@@ -45,7 +46,7 @@ def main(argv=None):
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=talk_server.DEFAULT_THREADS)
     args = parser.parse_args(argv)
-    server = talk_server.create_server(make_app(), args.host, args.port, args.threads)
+    server = talk_server.create_server(make_app(args.threads), args.host, args.port, args.threads)
     print(f"baseline on http://{args.host}:{server.effective_port}", flush=True)
     server.run()
 

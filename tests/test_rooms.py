@@ -1003,6 +1003,7 @@ def traced_statements(app, monkeypatch):
     with contextlib.ExitStack() as stack:  # trace every pooled connection
         for _ in range(app.talk.db.keep):
             stack.enter_context(app.talk.db.read()).set_trace_callback(record)
+    app.talk.db._writer.set_trace_callback(record)  # and the one that writes
     try:
         yield statements
     finally:
