@@ -382,6 +382,9 @@ class Database:
         self._writing = False  # a writer holds the write connection
         self._queued = 0  # writers waiting for their turn
         self._batch: Batch | None = None
+        # Bumped after every commit of this process: cached answers built
+        # from an older generation are stale.
+        self.generation = 0
 
     def _borrow(self):
         with self._lock:
@@ -463,6 +466,7 @@ class Database:
                 with contextlib.suppress(sqlite3.Error):
                     self._writer.execute("ROLLBACK")
             self._batch = None
+            self.generation += 1
             self._pass_turn()
             batch.done.set()
 
@@ -798,19 +802,6 @@ def one_to_one_room(db, user_a: str, user_b: str):
     ).fetchone()
 
 
-def rooms_of(db, user_id: str) -> list[sqlite3.Row]:
-    return db.execute(
-        """
-        SELECT r.*
-          FROM rooms AS r
-          JOIN participants AS p ON p.room_id = r.id
-         WHERE p.user_id = :user_id
-         ORDER BY max(r.last_activity, p.last_ping) DESC, r.id DESC
-        """,
-        {"user_id": user_id},
-    ).fetchall()
-
-
 def rename_room(db, room_id: int, name: str) -> None:
     db.execute("UPDATE rooms SET name = :name WHERE id = :id", {"id": room_id, "name": name})
 
@@ -850,19 +841,53 @@ PARTICIPANT_COLUMNS = """
 """
 
 
-def participants_of(db, room_ids: list[int]) -> list[sqlite3.Row]:
-    """Every row of the given rooms with its session and display name."""
+def participants_of(db, room_id: int) -> list[sqlite3.Row]:
+    """Every row of a room with its session and display name, users first."""
     return db.execute(
         f"""
         SELECT {PARTICIPANT_COLUMNS}
           FROM participants AS p
           LEFT JOIN sessions AS s ON s.participant_id = p.id
           LEFT JOIN users AS u ON u.id = p.user_id
-         WHERE p.room_id IN (SELECT value FROM json_each(:ids))
-         ORDER BY p.room_id, p.guest_id IS NOT NULL, p.last_ping DESC, p.id
+         WHERE p.room_id = :room_id
+         ORDER BY p.guest_id IS NOT NULL, p.last_ping DESC, p.id
         """,
-        {"ids": json.dumps(room_ids)},
+        {"room_id": room_id},
     ).fetchall()
+
+
+def rooms_of(db, user_id: str) -> list[tuple[dict, list[sqlite3.Row]]]:
+    """A user's rooms, newest activity first, each with all of its rows.
+
+    One query for the whole list: GET /room is the request clients repeat most.
+    """
+    rooms: dict[int, tuple[dict, list]] = {}
+    for row in db.execute(
+        f"""
+        SELECT r.token AS room_token, r.type AS room_type, r.name AS room_name,
+               r.password_hash AS room_password_hash, {PARTICIPANT_COLUMNS}
+          FROM participants AS mine
+          JOIN rooms AS r ON r.id = mine.room_id
+          JOIN participants AS p ON p.room_id = r.id
+          LEFT JOIN sessions AS s ON s.participant_id = p.id
+          LEFT JOIN users AS u ON u.id = p.user_id
+         WHERE mine.user_id = :user_id
+         ORDER BY max(r.last_activity, mine.last_ping) DESC, r.id DESC,
+                  p.guest_id IS NOT NULL, p.last_ping DESC, p.id
+        """,
+        {"user_id": user_id},
+    ):
+        if row["room_id"] not in rooms:
+            room = {
+                "id": row["room_id"],
+                "token": row["room_token"],
+                "type": row["room_type"],
+                "name": row["room_name"],
+                "password_hash": row["room_password_hash"],
+            }
+            rooms[row["room_id"]] = (room, [])
+        rooms[row["room_id"]][1].append(row)
+    return list(rooms.values())
 
 
 def participant_of(db, room_id: int, user_id=None, guest_id=None):
@@ -1287,17 +1312,30 @@ class Actor:
         return self.user_id is None
 
 
+@dataclass
+class Verified:
+    """A login the cache vouches for: its keyed hash and the row it matched."""
+
+    fast: bytes
+    row: sqlite3.Row
+    expires: float
+    checked: float  # when the row was last read
+
+
 class Credentials:
     """Verifies Basic-auth passwords, with a short-lived in-memory cache.
 
-    A cache hit still reads the user's row, so a password changed or a user
-    deleted from another process takes effect at once.
+    A cached login answers without touching the database for `recheck`
+    seconds, then re-reads the user's row: a password changed or a user
+    deleted through this server takes effect at once (forget), one changed
+    by another process (the command line) within `recheck` seconds.
     """
 
-    def __init__(self, ttl=CREDENTIAL_CACHE_SECONDS):
+    def __init__(self, ttl=CREDENTIAL_CACHE_SECONDS, recheck=1.0):
         self.ttl = ttl
+        self.recheck = recheck
         self._key = secrets.token_bytes(32)
-        self._cache: dict[str, tuple[bytes, str, float]] = {}
+        self._cache: dict[str, Verified] = {}
         self._lock = threading.Lock()
         # scrypt takes 16 MiB a hash: two at a time keep a burst of first
         # logins from swelling the process (SPEC 1.5).
@@ -1308,26 +1346,34 @@ class Credentials:
     def _fast(self, user_id, password):
         return hmac.new(self._key, f"{user_id}\0{password}".encode(), "sha256").digest()
 
-    def _cached(self, row, fast) -> bool:
+    def _vouched(self, user_id, fast, row=None):
+        """The cached row when the cache vouches for this login, else None."""
         with self._lock:
-            cached = self._cache.get(row["id"])
-        return bool(
-            cached
-            and cached[1] == row["password_hash"]
-            and cached[2] > time.monotonic()
-            and hmac.compare_digest(cached[0], fast)
-        )
+            entry = self._cache.get(user_id)
+        now = time.monotonic()
+        if entry is None or entry.expires <= now or not hmac.compare_digest(entry.fast, fast):
+            return None
+        if row is None:
+            return entry.row if now - entry.checked < self.recheck else None
+        if row["password_hash"] != entry.row["password_hash"]:
+            return None
+        entry.row, entry.checked = row, now
+        return row
 
-    def verify(self, db, user_id: str, password: str):
+    def verify(self, database, user_id: str, password: str):
         """The user's row when the password is right, else None."""
-        row = get_user(db, user_id)
         fast = self._fast(user_id, password)
-        if row is not None and self._cached(row, fast):
+        row = self._vouched(user_id, fast)
+        if row is not None:
+            return row
+        with database.read() as db:
+            row = get_user(db, user_id)
+        if row is not None and self._vouched(user_id, fast, row):
             return row
         # One full check per user at a time: a burst of first requests from
         # one client waits for the first check instead of each paying for it.
         with self._stripes[hash(user_id) % len(self._stripes)]:
-            if row is not None and self._cached(row, fast):
+            if row is not None and self._vouched(user_id, fast, row):
                 return row
             with self._hashing:
                 if self._dummy is None:
@@ -1336,11 +1382,17 @@ class Credentials:
                 ok = check_password(row["password_hash"] if row else self._dummy, password)
         if not ok or row is None:
             return None
+        now = time.monotonic()
         with self._lock:
             if len(self._cache) > 10000:
                 self._cache.clear()
-            self._cache[user_id] = (fast, row["password_hash"], time.monotonic() + self.ttl)
+            self._cache[user_id] = Verified(fast, row, now + self.ttl, now)
         return row
+
+    def forget(self, user_id: str) -> None:
+        """Drop a user's cached login (password changed, user deleted)."""
+        with self._lock:
+            self._cache.pop(user_id, None)
 
     def hash(self, password: str) -> str:
         with self._hashing:
@@ -1541,8 +1593,7 @@ def authenticate(talk, environ, need_user: bool) -> Actor:
         credentials = basic_credentials(header)
         row = None
         if credentials is not None:
-            with talk.db.read() as db:
-                row = talk.credentials.verify(db, *credentials)
+            row = talk.credentials.verify(talk.db, *credentials)
         if row is None:
             talk.throttle.failed(address)
             fail(401, "Wrong user name or password")
@@ -1731,7 +1782,7 @@ def room_name_param(rq, name="roomName") -> str | None:
 
 def room_answer(rq, db, room) -> dict:
     """The room object for the caller, after deleting expired guests."""
-    rows = participants_of(db, [room["id"]])
+    rows = participants_of(db, room["id"])
     return room_json(room, rows, rq.actor, rq.now)
 
 
@@ -1780,14 +1831,20 @@ def room_created(db, room, rq, status):
 
 def room_list(rq):
     """GET /room: Get user's rooms."""
-    with rq.talk.db.read() as db:
-        rooms = rooms_of(db, rq.actor.user_id)
-        rows = participants_of(db, [room["id"] for room in rooms])
-    by_room: dict[int, list] = {}
-    for row in rows:
-        by_room.setdefault(row["room_id"], []).append(row)
-    now = rq.now
-    return [room_json(room, by_room.get(room["id"], []), rq.actor, now) for room in rooms]
+    talk, now = rq.talk, rq.now
+    # Clients poll this list: an answer is reused until this process writes
+    # anything or the second changes (the active window counts in seconds;
+    # changes by other processes, such as the command line, show a second later).
+    key = (rq.actor.user_id, talk.db.generation, now)
+    answer = talk.room_lists.get(key)
+    if answer is None:
+        with talk.db.read() as db:
+            rooms = rooms_of(db, rq.actor.user_id)
+        answer = [room_json(room, rows, rq.actor, now) for room, rows in rooms]
+        if len(talk.room_lists) > 1000:
+            talk.room_lists.clear()
+        talk.room_lists[key] = answer
+    return answer
 
 
 def room_get(rq, token):
@@ -1867,7 +1924,7 @@ def participant_list(rq, token):
     rq.talk.expire_guests(token)
     with rq.talk.db.read() as db:
         room, _ = room_for(db, rq.actor, token, SEE)
-        rows = participants_of(db, [room["id"]])
+        rows = participants_of(db, room["id"])
     return [participant_json(row) for row in rows]
 
 
@@ -2373,6 +2430,7 @@ def cloud_user_edit(rq, userid):
             set_password_hash(db, userid, password_hash)
         else:
             set_display_name(db, userid, value.strip()[:64] or userid)
+    rq.talk.credentials.forget(userid)
     return []
 
 
@@ -2382,6 +2440,7 @@ def cloud_user_delete(rq, userid):
         require_admin(rq, db)
         existing_user(db, userid)
         rooms = delete_user(db, userid)
+    rq.talk.credentials.forget(userid)
     for room_id in rooms:
         rq.talk.room_changed(room_id, chat=True)
     return []
@@ -2539,6 +2598,7 @@ class Talk:
         if durability not in ("full", "normal"):
             raise ValueError("durability must be full or normal")
         self.db = Database(db_path, durability)
+        self.room_lists: dict[tuple, list] = {}  # GET /room answers, see room_list
         self.clock = clock
         self.threads = threads
         if reserve is None:  # small pools (tests, embedding) keep a quarter back
@@ -2624,6 +2684,10 @@ def ocs_callback(talk, handler, who):
         except CSRFError:
             bottle.response.status = 412
             return encode("json", {"message": "CSRF check failed"})
+        except sqlite3.IntegrityError:
+            # A row this request relied on went meanwhile (say, its user was
+            # deleted by the command line within the credential recheck).
+            return envelope(version, fmt, 409, [], "Conflict with a concurrent change; try again")
         if isinstance(result, Reply):
             return envelope(version, fmt, result.status, result.data)
         return envelope(version, fmt, 200, result)

@@ -1,5 +1,7 @@
 """Accounts and provisioning over HTTP (SPEC 9): /cloud/user, /cloud/users, /cloud/groups."""
 
+import sqlite3
+
 import pytest
 from conftest import CLOUD
 
@@ -398,3 +400,23 @@ def test_v1_write_endpoints_answer(admin_v1):
     admin_v1.delete("/groups/team", status=200)
     admin_v1.delete("/users/bob", status=200)
     assert admin_v1.get("/users/bob", status=200).meta["statuscode"] == 404
+
+
+def test_password_changed_by_another_process_counts_after_the_recheck(app, alice, db_path):
+    alice.get("/user", prefix=CLOUD)  # a verified, cached login
+    with sqlite3.connect(db_path) as other:  # as `talk-server user passwd` would
+        other.execute(
+            "UPDATE users SET password_hash = ? WHERE id = 'alice'",
+            (talk_server.hash_password("changed"),),
+        )
+    app.talk.credentials.recheck = 0  # the recheck second has passed
+    alice.get("/user", prefix=CLOUD, status=401)
+
+
+def test_user_deleted_by_another_process_is_401_after_the_recheck(app, bob, db_path):
+    bob.get("/user", prefix=CLOUD)
+    with sqlite3.connect(db_path) as other:
+        other.execute("PRAGMA foreign_keys = ON")
+        other.execute("DELETE FROM users WHERE id = 'bob'")
+    app.talk.credentials.recheck = 0
+    bob.get("/user", prefix=CLOUD, status=401)

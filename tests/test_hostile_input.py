@@ -225,7 +225,7 @@ def arena(app, alice, bob, guest, anonymous):
     def sessions():
         with app.talk.db.read() as db:
             room = talk_server.room_by_token(db, state["token"])
-            rows = talk_server.participants_of(db, [room["id"]])
+            rows = talk_server.participants_of(db, room["id"])
         return [row["session_id"] for row in rows if row["session_id"] != "0"] or ["0"]
 
     state["ensure"], state["sessions"] = ensure, sessions

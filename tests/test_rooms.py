@@ -7,6 +7,7 @@ a guest with a cookie, a logged-in non-member and an anonymous caller.
 import contextlib
 import json
 import re
+import sqlite3
 import threading
 import time
 
@@ -1053,3 +1054,22 @@ def test_lookups_by_token_user_and_session_id_use_indexes(app, monkeypatch, alic
                 ):
                     scans.append((detail, " ".join(text.split())[:300]))
     assert scans == []
+
+
+# --- GET /room answers are reused within a second until something is written ---
+
+
+def test_room_list_shows_a_rename_at_once(alice, group_room):
+    assert room_of(alice, group_room)["name"] == "Team"
+    alice.get("/room")  # cached now
+    alice.put(f"/room/{group_room}", {"roomName": "Renamed"})
+    assert [room["name"] for room in alice.get("/room").data] == ["Renamed"]
+
+
+def test_room_list_shows_another_process_change_a_second_later(alice, group_room, db_path, clock):
+    alice.get("/room")  # cached for this second
+    with sqlite3.connect(db_path) as other:  # as the command line would
+        other.execute("UPDATE rooms SET name = 'Elsewhere'")
+    assert [room["name"] for room in alice.get("/room").data] == ["Team"]
+    clock.advance(1)
+    assert [room["name"] for room in alice.get("/room").data] == ["Elsewhere"]
