@@ -1057,9 +1057,17 @@ def messages_after(db, room_id, offset, not_older_than, limit) -> list[sqlite3.R
     Timestamps never decrease along seq, so the first seq past the timestamp
     and the skip are two index lookups, whatever the room's history.
     """
+    first = first_seq_after(db, room_id, not_older_than)
+    if first is None:
+        return []
+    return messages_from(db, room_id, first + offset, limit)
+
+
+def first_seq_after(db, room_id: int, not_older_than: int) -> int | None:
+    """The seq of the room's first message newer than a timestamp, if any."""
     # The first index entry past the timestamp is the lowest seq there (min()
     # would read the whole range).
-    first = db.execute(
+    row = db.execute(
         """
         SELECT seq FROM messages
          WHERE room_id = :room_id AND timestamp > :since
@@ -1068,9 +1076,11 @@ def messages_after(db, room_id, offset, not_older_than, limit) -> list[sqlite3.R
         """,
         {"room_id": room_id, "since": not_older_than},
     ).fetchone()
-    if first is None:
-        return []
-    first = first[0]
+    return None if row is None else row[0]
+
+
+def messages_from(db, room_id: int, start: int, limit: int) -> list[sqlite3.Row]:
+    """The room's messages from seq `start` on, oldest first."""
     return db.execute(
         f"""
         SELECT {MESSAGE_COLUMNS}
@@ -1080,7 +1090,7 @@ def messages_after(db, room_id, offset, not_older_than, limit) -> list[sqlite3.R
          ORDER BY m.seq
          LIMIT :limit
         """,
-        {"room_id": room_id, "start": first + offset, "limit": limit},
+        {"room_id": room_id, "start": start, "limit": limit},
     ).fetchall()
 
 
@@ -1659,12 +1669,14 @@ def room_for(db, actor: Actor, token: str, need: str = SEE):
 
 
 class Waiter:
-    """One waiting request: a Condition on the notifier's lock and a fired flag."""
+    """One waiting request: a Condition on the notifier's lock, a fired flag,
+    and the news that came with notifications (None: look in the database)."""
 
     def __init__(self, lock, keys):
         self.cond = threading.Condition(lock)
         self.keys = keys
         self.fired = False
+        self.news: list = []
 
 
 class Notifier:
@@ -1703,12 +1715,25 @@ class Notifier:
                         if not waiters:
                             del self._waiters[key]
 
-    def notify(self, *keys) -> None:
+    def notify(self, *keys, news=None) -> None:
+        """Wake the waiters of `keys`, handing each the news (a new message)."""
         with self._lock:
             for key in keys:
                 for waiter in self._waiters.get(key, ()):
                     waiter.fired = True
+                    waiter.news.append(news)
                     waiter.cond.notify()
+
+    def taint(self, key) -> None:
+        """Tell the waiters of `key` that news alone no longer suffices, without waking them."""
+        with self._lock:
+            for waiter in self._waiters.get(key, ()):
+                waiter.news.append(None)
+
+    def take_news(self, waiter) -> list:
+        with self._lock:
+            news, waiter.news = waiter.news, []
+        return news
 
     def wait(self, waiter: Waiter, seconds: float, cancelled=lambda: False) -> bool:
         """Wait until notified, `seconds` pass, the client leaves or we shut down.
@@ -2131,18 +2156,37 @@ def chat_receive(rq, token):
     with talk.db.read() as db:
         room, _ = room_for(db, rq.actor, token, CHAT)
     with talk.notifier.listen(chat_key(room["id"])) as waiter:
-        last_look = False
+        last_look = waited = False
         while True:
             with talk.db.read() as db:
-                room, _ = room_for(db, rq.actor, token, CHAT)
-                rows = messages_after(db, room["id"], offset, since, CHAT_PAGE_MAX)
+                if waited:  # the room may have gone, or the caller with it
+                    room, _ = room_for(db, rq.actor, token, CHAT)
+                first = first_seq_after(db, room["id"], since)
+                start = None if first is None else first + offset
+                rows = [] if start is None else messages_from(db, room["id"], start, CHAT_PAGE_MAX)
             left = (deadline - time.monotonic()) / talk.notifier.time_scale
             if rows or last_look or left <= 0 or talk.notifier.closed:
                 break
             # Not notified means timed out, over the budget, client gone or
             # shutting down: look once more, then answer.
             last_look = not talk.notifier.wait(waiter, left, rq.wait_cancelled)
+            waited = True
+            rows = messages_in_news(talk.notifier.take_news(waiter), start)
+            if rows:
+                break  # the sends handed us exactly what we wait for
     return [message_json(row, room["token"]) for row in reversed(rows)]
+
+
+def messages_in_news(news, start) -> list:
+    """The messages a waiting receive can answer with straight from the sends
+    that woke it: they must continue its view exactly at seq `start`, and
+    nothing else may have happened meanwhile (None). Else [] (look again)."""
+    if start is None or not news or any(item is None for item in news):
+        return []
+    fresh = sorted((row for row in news if row["seq"] >= start), key=lambda row: row["seq"])
+    if not fresh or [row["seq"] for row in fresh] != list(range(start, start + len(fresh))):
+        return []
+    return fresh[:CHAT_PAGE_MAX]
 
 
 def chat_send(rq, token):
@@ -2163,7 +2207,7 @@ def chat_send(rq, token):
         row = add_message(db, room["id"], actor_type, actor_id, message, now)
         touch(db, me["id"], now)
         mark_activity(db, room["id"], now)
-    rq.talk.notifier.notify(chat_key(room["id"]))
+    rq.talk.notifier.notify(chat_key(room["id"]), news=row)
     return Reply(201, message_json(row, room["token"]))
 
 
@@ -2618,7 +2662,12 @@ class Talk:
         self.room_throttle = Throttle(throttle_free_failures)
 
     def room_changed(self, room_id, chat=False):
-        """Wake the room's signaling polls (and chat polls when the room went)."""
+        """Wake the room's signaling polls (and chat polls when the room went).
+
+        Waiting chat polls must look in the database again before they use a
+        new message as news: the change may have cost them the room.
+        """
+        self.notifier.taint(chat_key(room_id))
         keys = [room_key(room_id)]
         if chat:
             keys.append(chat_key(room_id))
@@ -2861,21 +2910,30 @@ def bottle_free_close(server):
         waitress.wasyncore.dispatcher.close(server)
 
 
+class ServedURL(str):
+    """The base URL of a server from serve_in_thread; `.app` is the app it serves."""
+
+    app: bottle.Bottle
+
+
 @contextlib.contextmanager
 def serve_in_thread(db_path, host="127.0.0.1", threads=16, **options):
     """Serve a fresh app on a free loopback port in a background thread.
 
-    Yields the base URL (``http://127.0.0.1:PORT``); on exit, waiting polls
-    answer, the server stops and the database is closed. For tests and for
-    projects that embed talk-server as a mock.
+    Yields the base URL (``http://127.0.0.1:PORT``, a str whose `.app` is the
+    app, for a look at `app.talk`); on exit, waiting polls answer, the server
+    stops and the database is closed. For tests and for projects that embed
+    talk-server as a mock.
     """
     options.setdefault("threads", threads)
     app = make_app(db_path, **options)
     server = create_server(app, host=host, port=0, threads=threads)
     thread = threading.Thread(target=server.run, name="talk-server", daemon=True)
     thread.start()
+    url = ServedURL(f"http://{host}:{server.effective_port}")
+    url.app = app
     try:
-        yield f"http://{host}:{server.effective_port}"
+        yield url
     finally:
         stop_server(server, app.talk, grace=2.0)
         thread.join(10)

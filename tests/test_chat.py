@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -528,6 +529,36 @@ def test_waiting_receive_ignores_a_message_the_filter_drops(background, make_cli
     assert waiting.elapsed >= 0.5  # went on waiting after the wake-up
 
 
+def test_waiting_receive_gets_a_burst_of_sends_in_order(background, make_client, alice, bob):
+    token = group_room(alice, bob)
+    send(alice, token, "seen")
+    receiver = make_client("bob")
+    waiting = background(lambda: receive(receiver, token, offset=1, timeout=60))
+    time.sleep(0.1)
+    sender = make_client("alice")
+    burst = [send(sender, token, f"burst {n}") for n in range(5)]
+    answer = waiting.result()
+    assert answer  # whatever part of the burst it was woken for, newest first, no gaps
+    assert answer == list(reversed(burst[: len(answer)]))
+
+
+def test_member_removed_while_waiting_is_not_handed_the_next_message(
+    background, make_client, alice, bob, carol
+):
+    """A send's news is only used by waiters whose access nothing changed."""
+    token = group_room(alice, bob, carol)
+    send(alice, token, "seen")  # so the waiter knows which seq comes next
+    receiver = make_client("carol")
+    waiting = background(
+        lambda: receiver.get(f"/chat/{token}", {"offset": 1, "timeout": 60}, status=404)
+    )
+    time.sleep(0.1)
+    moderator = make_client("alice")
+    moderator.delete(f"/room/{token}/participants", {"participant": "carol"}, status=200)
+    send(moderator, token, "not for carol")
+    assert waiting.result().meta["statuscode"] == 404
+
+
 def test_waiting_receive_is_404_when_the_room_is_deleted(background, make_client, alice, bob):
     token = group_room(alice, bob)
     receiver = make_client("bob")
@@ -758,3 +789,31 @@ def test_real_http_send_is_prompt_with_more_waiting_receivers_than_threads(backg
         results = [w.result(timeout=30) for w in waiting]
         assert results == [[sent]] * receivers
         assert max(len(p) for p in polls) == 1, f"a receiver had to poll again: {polls}"
+
+
+@pytest.mark.slow
+def test_real_http_poll_of_a_client_that_hangs_up_stops_waiting(served_db):
+    """Waitress reads one request ahead, so it sees the hang-up; the wait ends
+    within its one-second slice instead of holding a thread for 30 s."""
+    with talk_server.serve_in_thread(served_db, threads=8, reserve=2, time_scale=1.0) as base:
+        token = http_room(base)
+        notifier = base.app.talk.notifier
+        raw = f"bob:{PASSWORD}".encode()
+        request = (
+            f"GET {API}/chat/{token}?timeout=30 HTTP/1.1\r\n"
+            f"Host: 127.0.0.1\r\nOCS-APIRequest: true\r\nAccept: application/json\r\n"
+            f"Authorization: Basic {base64.b64encode(raw).decode()}\r\n\r\n"
+        ).encode()
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            client.sendall(request)
+            assert until(lambda: notifier.waiting == 1), "the poll never started waiting"
+        assert until(lambda: notifier.waiting == 0, seconds=4), "the poll outlived its client"
+
+
+def until(condition, seconds=3.0):
+    """Poll `condition` every 20 ms for up to `seconds`; its last value."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
