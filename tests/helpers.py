@@ -74,3 +74,20 @@ def make_group(alice, group, *users):
     alice.post("/groups", {"groupid": group}, prefix=CLOUD)
     for user in users:
         alice.post(f"/users/{user}/groups", {"groupid": group}, prefix=CLOUD)
+
+
+def group_room_with(owner, *members):
+    """A new group room "Team" of `owner` with `members` (clients) added; nobody joined."""
+    return _room_with(owner, 2, "Team", members)
+
+
+def public_room_with(owner, *members):
+    """A new public room "Open" of `owner` with `members` (clients) added; nobody joined."""
+    return _room_with(owner, 3, "Open", members)
+
+
+def _room_with(owner, room_type, name, members):
+    token = create(owner, room_type, roomName=name)
+    for member in members:
+        add(owner, token, member.user)
+    return token

@@ -5,28 +5,11 @@ GET /call/{token} lists the active sessions in the call; POST joins it, POST
 """
 
 from conftest import API, START
+from helpers import group_room_with as group_room
+from helpers import join
+from helpers import public_room_with as public_room
 
 # --- Helpers -----------------------------------------------------------------
-
-
-def group_room(owner, *members):
-    """A group room of `owner` with `members` added as users (nobody joined)."""
-    token = owner.post("/room", {"roomType": 2, "roomName": "Team"}, status=201).data["token"]
-    for member in members:
-        owner.post(f"/room/{token}/participants", {"newParticipant": member.user}, status=200)
-    return token
-
-
-def public_room(owner, *members):
-    token = owner.post("/room", {"roomType": 3, "roomName": "Open"}, status=201).data["token"]
-    for member in members:
-        owner.post(f"/room/{token}/participants", {"newParticipant": member.user}, status=200)
-    return token
-
-
-def join(client, token):
-    """Join the room; the new session id."""
-    return client.post(f"/room/{token}/participants/active", status=200).data["sessionId"]
 
 
 def peers(client, token):

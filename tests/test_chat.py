@@ -18,6 +18,9 @@ import urllib.request
 
 import pytest
 from conftest import API, PASSWORD, START
+from helpers import group_room_with as group_room
+from helpers import join
+from helpers import public_room_with as public_room
 
 import talk_server
 
@@ -26,26 +29,6 @@ SCALE = 0.01
 
 
 # --- Helpers -----------------------------------------------------------------
-
-
-def group_room(owner, *members):
-    """A group room of `owner` with `members` added as users (nobody joined)."""
-    token = owner.post("/room", {"roomType": 2, "roomName": "Team"}, status=201).data["token"]
-    for member in members:
-        owner.post(f"/room/{token}/participants", {"newParticipant": member.user}, status=200)
-    return token
-
-
-def public_room(owner, *members):
-    token = owner.post("/room", {"roomType": 3, "roomName": "Open"}, status=201).data["token"]
-    for member in members:
-        owner.post(f"/room/{token}/participants", {"newParticipant": member.user}, status=200)
-    return token
-
-
-def join(client, token):
-    """Join the room; the new session id."""
-    return client.post(f"/room/{token}/participants/active", status=200).data["sessionId"]
 
 
 def send(client, token, message):
@@ -738,9 +721,7 @@ def test_real_http_waiting_receive_is_woken_by_a_send(background, served_db):
 
 
 @pytest.mark.slow
-def test_real_http_receive_over_the_waiting_budget_is_held_without_a_thread(
-    background, served_db
-):
+def test_real_http_receive_over_the_waiting_budget_is_held_without_a_thread(background, served_db):
     """threads=4, reserve=2: two polls may wait; a third is held back (no thread,
     no answer) until one of them ends, while a send is still served at once."""
     with talk_server.serve_in_thread(served_db, threads=4, reserve=2, time_scale=1.0) as base:
