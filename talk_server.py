@@ -2864,10 +2864,24 @@ def tune_memory():
         pass  # not glibc: nothing to tune
 
 
-def create_server(app, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS):
-    """A Waitress server set up for long-polls."""
+def create_server(
+    app, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS, trusted_proxy=None
+):
+    """A Waitress server set up for long-polls.
+
+    Behind a reverse proxy at `trusted_proxy` (an address, or "*"), the
+    client's address comes from the proxy's X-Forwarded-For, so password
+    throttling sees each client and not the proxy.
+    """
     dispatcher = LongPollDispatcher(app.talk.notifier.max_waiting)
     dispatcher.set_thread_count(threads)
+    proxy = {}
+    if trusted_proxy:
+        proxy = {
+            "trusted_proxy": trusted_proxy,
+            "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto"},
+            "trusted_proxy_count": 1,
+        }
     return waitress.create_server(
         app,
         host=host,
@@ -2883,6 +2897,7 @@ def create_server(app, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THR
         channel_timeout=CHAT_MAX_TIMEOUT + 60,
         ident="talk-server",
         clear_untrusted_proxy_headers=True,
+        **proxy,
     )
 
 
@@ -2917,7 +2932,7 @@ class ServedURL(str):
 
 
 @contextlib.contextmanager
-def serve_in_thread(db_path, host="127.0.0.1", threads=16, **options):
+def serve_in_thread(db_path, host="127.0.0.1", threads=16, trusted_proxy=None, **options):
     """Serve a fresh app on a free loopback port in a background thread.
 
     Yields the base URL (``http://127.0.0.1:PORT``, a str whose `.app` is the
@@ -2927,7 +2942,7 @@ def serve_in_thread(db_path, host="127.0.0.1", threads=16, **options):
     """
     options.setdefault("threads", threads)
     app = make_app(db_path, **options)
-    server = create_server(app, host=host, port=0, threads=threads)
+    server = create_server(app, host=host, port=0, threads=threads, trusted_proxy=trusted_proxy)
     thread = threading.Thread(target=server.run, name="talk-server", daemon=True)
     thread.start()
     url = ServedURL(f"http://{host}:{server.effective_port}")
@@ -3000,6 +3015,11 @@ def parse_args(argv):
     )
     serve.add_argument("--turn-server", default=env("TALK_TURN_SERVER", ""), help="host:port (TALK_TURN_SERVER)")
     serve.add_argument("--turn-secret", default=env("TALK_TURN_SECRET", ""), help="coturn static-auth-secret (TALK_TURN_SECRET)")
+    serve.add_argument(
+        "--trusted-proxy",
+        default=env("TALK_TRUSTED_PROXY", ""),
+        help="address of a reverse proxy whose X-Forwarded-For to believe (TALK_TRUSTED_PROXY)",
+    )
     serve.add_argument("--demo", action="store_true", help="add demo users alice, bob and carol")
 
     user = commands.add_parser("user", help="manage users").add_subparsers(dest="action", required=True)
@@ -3204,7 +3224,7 @@ def run_serve(args):
     for line in bootstrap_accounts(app.talk.db, args.demo):
         print(line, flush=True)
     try:
-        server = create_server(app, args.host, args.port, args.threads)
+        server = create_server(app, args.host, args.port, args.threads, args.trusted_proxy)
     except OSError as error:
         die(f"cannot listen on {args.host}:{args.port}: {error}")
     url = f"http://{args.host}:{server.effective_port}"

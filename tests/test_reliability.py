@@ -426,6 +426,45 @@ def test_password_guessing_is_throttled_per_address(guarded):
     assert_throttled(login(guarded, "guess-7", attacker))
 
 
+def proxied_login(base, password, forwarded_for):
+    """GET /cloud/user through a (pretend) reverse proxy; the HTTP status."""
+    raw = f"alice:{password}".encode()
+    host, port = base.rsplit("/", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request(
+            "GET",
+            CLOUD + "/user",
+            headers={
+                "OCS-APIRequest": "true",
+                "Accept": "application/json",
+                "Authorization": "Basic " + base64.b64encode(raw).decode(),
+                "X-Forwarded-For": forwarded_for,
+            },
+        )
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted-proxy", "no-proxy"])
+def test_throttling_behind_a_trusted_proxy_sees_each_client(tmp_path, password_hash, trusted):
+    """Behind a reverse proxy every client has the proxy's address: only when
+    the proxy is trusted does a guesser leave the others alone."""
+    path = tmp_path / "proxied.db"
+    app = talk_server.make_app(path)
+    with app.talk.db.write() as db:
+        talk_server.create_user(db, "alice", password_hash, "Alice")
+    app.talk.close()
+    proxy = "127.0.0.1" if trusted else None
+    with talk_server.serve_in_thread(path, trusted_proxy=proxy, throttle_free_failures=2) as base:
+        assert proxied_login(base, "guess-1", "10.0.0.1") == 401
+        assert proxied_login(base, "guess-2", "10.0.0.1") == 401
+        assert proxied_login(base, "guess-3", "10.0.0.1") == 429
+        friend = proxied_login(base, PASSWORD, "10.0.0.2")
+        assert friend == (200 if trusted else 429)
+
+
 def join_room(app, token, address, password, user=None):
     headers = {"OCS-APIRequest": "true", "Accept": "application/json"}
     if user:
