@@ -1686,6 +1686,9 @@ class Notifier:
     change committed between its look and its wait still wakes it. Waits are
     bounded by a budget: at most `max_waiting` requests wait at once, so that
     the reserve of worker threads always serves sends, joins and pings.
+    Under talk-server's own Waitress setup the LongPollDispatcher already
+    keeps long-polls within that budget; the bound here protects an app
+    served some other way.
     """
 
     def __init__(self, max_waiting, overflow_wait=1.0, slice_seconds=1.0, time_scale=1.0):
