@@ -1,0 +1,47 @@
+"""The README keeps up with the code: every endpoint listed, the quick start
+as CI runs it, every command-line option and environment variable named."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+import talk_server
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def readme_path(path):
+    """A route path as the README writes it: <token> becomes {token}."""
+    return re.sub(r"<(\w+)>", r"{\1}", path)
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [(method, path) for method, path, _, _ in talk_server.ROUTES + talk_server.CLOUD_ROUTES],
+)
+def test_readme_lists_every_endpoint(method, path):
+    table = README[README.index("## What is implemented") :]
+    shown = readme_path(path)
+    assert f"`{shown}`" in table or f"{shown}`" in table, f"{method} {shown} is missing"
+
+
+def test_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one():
+    quick = README[README.index("## Quick start") :].split("\n## ")[0]
+    blocks = re.findall(r"```sh\n(.*?)```", quick, re.S)
+    assert len(blocks) == 2 and all(len(b.strip().splitlines()) == 1 for b in blocks)
+    install_and_run, install_and_test = (b.strip() for b in blocks)
+    assert install_and_run.endswith("talk-server serve")
+    test_command = install_and_test.rsplit("&& ", 1)[1]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert test_command in ci
+
+
+def test_readme_names_every_serve_option_and_environment_variable():
+    source = Path(talk_server.__file__).read_text(encoding="utf-8")
+    options = set(re.findall(r'serve\.add_argument\(\s*"(--[a-z-]+)"', source))
+    variables = set(re.findall(r"\b(TALK_[A-Z_]+)\b", source))
+    assert options and variables
+    missing = sorted(name for name in options | variables if name not in README)
+    assert not missing, f"README does not mention {missing}"
