@@ -965,6 +965,21 @@ def remove_guests_and_self_joined(db, room_id: int) -> None:
     )
 
 
+def has_expired_guests(db, room_id: int, before: int) -> bool:
+    """Whether a room has guest rows not seen since `before` (a read, to skip the write)."""
+    return (
+        db.execute(
+            """
+            SELECT 1 FROM participants
+             WHERE room_id = :room_id AND participant_type = :guest AND last_ping <= :before
+             LIMIT 1
+            """,
+            {"room_id": room_id, "guest": GUEST, "before": before},
+        ).fetchone()
+        is not None
+    )
+
+
 def expire_guests(db, room_id: int, before: int) -> int:
     """Delete guest rows of a room not seen since `before` (SPEC 2)."""
     return db.execute(
@@ -1051,23 +1066,17 @@ def message_by_id(db, message_id: int):
     ).fetchone()
 
 
-def messages_after(db, room_id, offset, not_older_than, limit) -> list[sqlite3.Row]:
+def messages_after(db, room_id, offset, not_older_than, limit) -> tuple[int | None, list]:
     """The room's messages newer than a timestamp, skipping the `offset` oldest.
 
+    Returns (start, rows): `start` is the seq the first answered message has
+    (None while no message is newer than the timestamp), rows oldest first.
     Timestamps never decrease along seq, so the first seq past the timestamp
     and the skip are two index lookups, whatever the room's history.
     """
-    first = first_seq_after(db, room_id, not_older_than)
-    if first is None:
-        return []
-    return messages_from(db, room_id, first + offset, limit)
-
-
-def first_seq_after(db, room_id: int, not_older_than: int) -> int | None:
-    """The seq of the room's first message newer than a timestamp, if any."""
     # The first index entry past the timestamp is the lowest seq there (min()
     # would read the whole range).
-    row = db.execute(
+    first = db.execute(
         """
         SELECT seq FROM messages
          WHERE room_id = :room_id AND timestamp > :since
@@ -1076,12 +1085,10 @@ def first_seq_after(db, room_id: int, not_older_than: int) -> int | None:
         """,
         {"room_id": room_id, "since": not_older_than},
     ).fetchone()
-    return None if row is None else row[0]
-
-
-def messages_from(db, room_id: int, start: int, limit: int) -> list[sqlite3.Row]:
-    """The room's messages from seq `start` on, oldest first."""
-    return db.execute(
+    if first is None:
+        return None, []
+    start = first[0] + offset
+    rows = db.execute(
         f"""
         SELECT {MESSAGE_COLUMNS}
           FROM messages AS m
@@ -1092,6 +1099,7 @@ def messages_from(db, room_id: int, start: int, limit: int) -> list[sqlite3.Row]
         """,
         {"room_id": room_id, "start": start, "limit": limit},
     ).fetchall()
+    return start, rows
 
 
 # --- Signaling ---------------------------------------------------------------
@@ -2164,9 +2172,7 @@ def chat_receive(rq, token):
             with talk.db.read() as db:
                 if waited:  # the room may have gone, or the caller with it
                     room, _ = room_for(db, rq.actor, token, CHAT)
-                first = first_seq_after(db, room["id"], since)
-                start = None if first is None else first + offset
-                rows = [] if start is None else messages_from(db, room["id"], start, CHAT_PAGE_MAX)
+                start, rows = messages_after(db, room["id"], offset, since, CHAT_PAGE_MAX)
             left = (deadline - time.monotonic()) / talk.notifier.time_scale
             if rows or last_look or left <= 0 or talk.notifier.closed:
                 break
@@ -2683,15 +2689,7 @@ class Talk:
             room = room_by_token(db, token)
             if room is None:
                 return
-            stale = db.execute(
-                """
-                SELECT 1 FROM participants
-                 WHERE room_id = :room_id AND participant_type = :guest
-                   AND last_ping <= :before
-                 LIMIT 1
-                """,
-                {"room_id": room["id"], "guest": GUEST, "before": before},
-            ).fetchone()
+            stale = has_expired_guests(db, room["id"], before)
         if stale:
             with self.db.write() as db:
                 expire_guests(db, room["id"], before)
@@ -2904,11 +2902,17 @@ def create_server(
     )
 
 
+def close_listener(server):
+    """Close the listening socket only (server.close() also closes the trigger)."""
+    if server.accepting:
+        waitress.wasyncore.dispatcher.close(server)
+
+
 def stop_server(server, talk, grace=5.0):
     """Stop gracefully: polls answer, no new connections, in-flight work finishes."""
     talk.shutdown()
     dispatcher = server.task_dispatcher
-    server.trigger.pull_trigger(lambda: bottle_free_close(server))
+    server.trigger.pull_trigger(lambda: close_listener(server))
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and (dispatcher.active_count or dispatcher.queue):
         time.sleep(0.02)
@@ -2920,12 +2924,6 @@ def stop_server(server, talk, grace=5.0):
     # Give the loop a moment to flush the last answers, then end it.
     time.sleep(0.05)
     server.trigger.pull_trigger(close_everything)
-
-
-def bottle_free_close(server):
-    """Close the listening socket only (server.close() also closes the trigger)."""
-    if server.accepting:
-        waitress.wasyncore.dispatcher.close(server)
 
 
 class ServedURL(str):

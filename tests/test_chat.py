@@ -594,7 +594,7 @@ def test_receive_queries_use_indexes_not_a_scan(app, alice):
             statements = []
             db.set_trace_callback(statements.append)
             try:
-                rows = talk_server.messages_after(db, room_id, offset, since, 1000)
+                _, rows = talk_server.messages_after(db, room_id, offset, since, 1000)
             finally:
                 db.set_trace_callback(None)
             assert rows, (offset, since)
@@ -645,7 +645,7 @@ def test_receive_cost_does_not_grow_with_history(app, alice, since):
             offset = count - filtered - 1  # only the newest message is left
 
             def read(room_id=room_id, offset=offset, count=count):
-                rows = talk_server.messages_after(db, room_id, offset, since, 1000)
+                _, rows = talk_server.messages_after(db, room_id, offset, since, 1000)
                 assert [row["message"] for row in rows] == [f"m{count - 1}"]
 
             read()  # warm the page cache
