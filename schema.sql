@@ -5,7 +5,9 @@
 CREATE TABLE users (
     id            TEXT PRIMARY KEY,
     display_name  TEXT NOT NULL,
-    password_hash TEXT NOT NULL
+    password_hash TEXT NOT NULL,
+    email         TEXT NOT NULL DEFAULT '',
+    enabled       INTEGER NOT NULL DEFAULT 1  -- a disabled user cannot sign in
 );
 
 CREATE TABLE groups (
@@ -20,14 +22,88 @@ CREATE TABLE group_members (
 
 CREATE INDEX group_members_by_user ON group_members (user_id);
 
--- Room management: one row per room. last_activity orders GET /room.
+-- Sign-in for apps: secrets this server made for itself (keys of the fast
+-- hashes below), app passwords, browser sign-in sessions and login flows.
+CREATE TABLE server_secrets (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+
+-- An app password is 72 random characters, so a keyed SHA-256 of it
+-- (token_hash) is as safe as scrypt and costs microseconds.
+CREATE TABLE app_passwords (
+    id         INTEGER PRIMARY KEY,
+    user_id    TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    name       TEXT NOT NULL DEFAULT '',
+    token_hash TEXT NOT NULL UNIQUE,
+    created    INTEGER NOT NULL,
+    last_used  INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE INDEX app_passwords_by_user ON app_passwords (user_id);
+
+-- A browser signed in on the sign-in page: the cookie's keyed hash.
+CREATE TABLE web_sessions (
+    id_hash   TEXT PRIMARY KEY,
+    user_id   TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    csrf      TEXT NOT NULL,
+    created   INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE INDEX web_sessions_by_user ON web_sessions (user_id);
+
+-- Login flows v1 and v2: a poll token (v2) and a login token in the URL the
+-- user opens; once granted, the app password waits here for one poll.
+CREATE TABLE login_flows (
+    id              INTEGER PRIMARY KEY,
+    version         INTEGER NOT NULL CHECK (version IN (1, 2)),
+    login_token     TEXT NOT NULL UNIQUE,
+    poll_token_hash TEXT UNIQUE,
+    client_name     TEXT NOT NULL DEFAULT '',
+    created         INTEGER NOT NULL,
+    user_id         TEXT REFERENCES users (id) ON DELETE CASCADE,
+    app_password    TEXT
+);
+
+-- A user's status (online, away, dnd, invisible, offline) and message.
+CREATE TABLE user_status (
+    user_id          TEXT PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+    status           TEXT NOT NULL DEFAULT 'online',
+    message          TEXT NOT NULL DEFAULT '',
+    icon             TEXT NOT NULL DEFAULT '',
+    clear_at         INTEGER,
+    status_timestamp INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+-- Room management: one row per room. last_activity orders GET /room. Types
+-- 1-3 as in 2018; 4 changelog, 5 former one-to-one, 6 note to self. The
+-- avatar is an uploaded image (avatar_type image/png or image/jpeg) or an
+-- emoji with a colour; avatar_version changes with every change.
 CREATE TABLE rooms (
-    id            INTEGER PRIMARY KEY,
-    token         TEXT NOT NULL UNIQUE,
-    type          INTEGER NOT NULL CHECK (type IN (1, 2, 3)),
-    name          TEXT NOT NULL DEFAULT '',
-    password_hash TEXT NOT NULL DEFAULT '',
-    last_activity INTEGER NOT NULL DEFAULT 0
+    id                  INTEGER PRIMARY KEY,
+    token               TEXT NOT NULL UNIQUE,
+    type                INTEGER NOT NULL CHECK (type BETWEEN 1 AND 6),
+    name                TEXT NOT NULL DEFAULT '',
+    password_hash       TEXT NOT NULL DEFAULT '',
+    last_activity       INTEGER NOT NULL DEFAULT 0,
+    description         TEXT NOT NULL DEFAULT '',
+    created             INTEGER NOT NULL DEFAULT 0,
+    read_only           INTEGER NOT NULL DEFAULT 0,
+    listable            INTEGER NOT NULL DEFAULT 0,
+    lobby_state         INTEGER NOT NULL DEFAULT 0,
+    lobby_timer         INTEGER NOT NULL DEFAULT 0,
+    default_permissions INTEGER NOT NULL DEFAULT 0,
+    call_permissions    INTEGER NOT NULL DEFAULT 0,
+    message_expiration  INTEGER NOT NULL DEFAULT 0,
+    object_type         TEXT NOT NULL DEFAULT '',
+    object_id           TEXT NOT NULL DEFAULT '',
+    call_flag           INTEGER NOT NULL DEFAULT 0,
+    call_start_time     INTEGER NOT NULL DEFAULT 0,
+    avatar              BLOB,
+    avatar_type         TEXT NOT NULL DEFAULT '',
+    avatar_color        TEXT NOT NULL DEFAULT '',
+    avatar_version      INTEGER NOT NULL DEFAULT 0
 );
 
 -- Participant management: one row per user (user_id) or guest (guest_id, a
@@ -40,6 +116,13 @@ CREATE TABLE participants (
     guest_id         TEXT,
     participant_type INTEGER NOT NULL CHECK (participant_type BETWEEN 1 AND 5),
     last_ping        INTEGER NOT NULL DEFAULT 0,
+    favorite           INTEGER NOT NULL DEFAULT 0,
+    notification_level INTEGER NOT NULL DEFAULT 0,
+    notification_calls INTEGER NOT NULL DEFAULT 1,
+    permissions        INTEGER NOT NULL DEFAULT 0,  -- the attendee's own, 0: the room's
+    last_read_message  INTEGER NOT NULL DEFAULT 0,
+    guest_name         TEXT NOT NULL DEFAULT '',
+    modified           INTEGER NOT NULL DEFAULT 0,  -- last change of this row (modifiedSince)
     CHECK ((user_id IS NULL) <> (guest_id IS NULL))
 );
 
@@ -47,15 +130,21 @@ CREATE UNIQUE INDEX participants_by_user ON participants (user_id, room_id);
 CREATE UNIQUE INDEX participants_by_guest ON participants (guest_id, room_id);
 CREATE INDEX participants_by_room ON participants (room_id);
 
--- Sessions and calls: a participant's session in its room (v1 shows one per
--- participant). in_call is a bit mask, as today's Talk keeps it: 1 = in call.
+-- Sessions and calls: one row per joined device (a participant may have
+-- several; the 2018 routes show the newest, the highest seq). in_call is a
+-- bit mask, as today's Talk keeps it: 1 in call, 2 audio, 4 video, 8 phone.
+-- device is the keyed hash of the cookie of the client that joined (the
+-- modern routes find their session by it); NULL for a 2018 join.
 CREATE TABLE sessions (
-    id             TEXT PRIMARY KEY,
+    seq            INTEGER PRIMARY KEY,
+    id             TEXT NOT NULL UNIQUE,
     participant_id INTEGER NOT NULL REFERENCES participants (id) ON DELETE CASCADE,
-    in_call        INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
+    in_call        INTEGER NOT NULL DEFAULT 0,
+    last_ping      INTEGER NOT NULL DEFAULT 0,
+    device         TEXT
+);
 
-CREATE INDEX sessions_by_participant ON sessions (participant_id);
+CREATE INDEX sessions_by_participant ON sessions (participant_id, seq);
 
 -- Chat: seq numbers a room's messages 1, 2, 3... so "skip the N oldest" is
 -- a range lookup; timestamps never decrease within a room.
@@ -86,4 +175,4 @@ CREATE INDEX signaling_by_recipient ON signaling (recipient, id);
 CREATE INDEX signaling_by_sender ON signaling (sender);
 CREATE INDEX signaling_by_age ON signaling (created);
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;

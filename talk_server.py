@@ -279,10 +279,107 @@ def schema_path():
     return data_path("schema.sql")
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each migration brings a database from version (index + 1) to (index + 2).
-MIGRATIONS: list[str] = []
+# They run with foreign keys off (a table rebuild must not cascade), and are
+# frozen: a later schema.sql changes nothing here.
+MIGRATIONS: list[str] = [
+    # 2: sign-in for apps, today's conversations and several sessions per attendee.
+    """
+    ALTER TABLE users ADD COLUMN email TEXT NOT NULL DEFAULT '';
+    ALTER TABLE users ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1;
+    CREATE TABLE server_secrets (
+        name  TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE app_passwords (
+        id         INTEGER PRIMARY KEY,
+        user_id    TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        name       TEXT NOT NULL DEFAULT '',
+        token_hash TEXT NOT NULL UNIQUE,
+        created    INTEGER NOT NULL,
+        last_used  INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX app_passwords_by_user ON app_passwords (user_id);
+    CREATE TABLE web_sessions (
+        id_hash   TEXT PRIMARY KEY,
+        user_id   TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        csrf      TEXT NOT NULL,
+        created   INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX web_sessions_by_user ON web_sessions (user_id);
+    CREATE TABLE login_flows (
+        id              INTEGER PRIMARY KEY,
+        version         INTEGER NOT NULL CHECK (version IN (1, 2)),
+        login_token     TEXT NOT NULL UNIQUE,
+        poll_token_hash TEXT UNIQUE,
+        client_name     TEXT NOT NULL DEFAULT '',
+        created         INTEGER NOT NULL,
+        user_id         TEXT REFERENCES users (id) ON DELETE CASCADE,
+        app_password    TEXT
+    );
+    CREATE TABLE user_status (
+        user_id          TEXT PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+        status           TEXT NOT NULL DEFAULT 'online',
+        message          TEXT NOT NULL DEFAULT '',
+        icon             TEXT NOT NULL DEFAULT '',
+        clear_at         INTEGER,
+        status_timestamp INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE TABLE rooms_v2 (
+        id                  INTEGER PRIMARY KEY,
+        token               TEXT NOT NULL UNIQUE,
+        type                INTEGER NOT NULL CHECK (type BETWEEN 1 AND 6),
+        name                TEXT NOT NULL DEFAULT '',
+        password_hash       TEXT NOT NULL DEFAULT '',
+        last_activity       INTEGER NOT NULL DEFAULT 0,
+        description         TEXT NOT NULL DEFAULT '',
+        created             INTEGER NOT NULL DEFAULT 0,
+        read_only           INTEGER NOT NULL DEFAULT 0,
+        listable            INTEGER NOT NULL DEFAULT 0,
+        lobby_state         INTEGER NOT NULL DEFAULT 0,
+        lobby_timer         INTEGER NOT NULL DEFAULT 0,
+        default_permissions INTEGER NOT NULL DEFAULT 0,
+        call_permissions    INTEGER NOT NULL DEFAULT 0,
+        message_expiration  INTEGER NOT NULL DEFAULT 0,
+        object_type         TEXT NOT NULL DEFAULT '',
+        object_id           TEXT NOT NULL DEFAULT '',
+        call_flag           INTEGER NOT NULL DEFAULT 0,
+        call_start_time     INTEGER NOT NULL DEFAULT 0,
+        avatar              BLOB,
+        avatar_type         TEXT NOT NULL DEFAULT '',
+        avatar_color        TEXT NOT NULL DEFAULT '',
+        avatar_version      INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO rooms_v2 (id, token, type, name, password_hash, last_activity, created)
+    SELECT id, token, type, name, password_hash, last_activity, last_activity FROM rooms;
+    DROP TABLE rooms;
+    ALTER TABLE rooms_v2 RENAME TO rooms;
+    ALTER TABLE participants ADD COLUMN favorite INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE participants ADD COLUMN notification_level INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE participants ADD COLUMN notification_calls INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE participants ADD COLUMN permissions INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE participants ADD COLUMN last_read_message INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE participants ADD COLUMN guest_name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE participants ADD COLUMN modified INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE sessions_v2 (
+        seq            INTEGER PRIMARY KEY,
+        id             TEXT NOT NULL UNIQUE,
+        participant_id INTEGER NOT NULL REFERENCES participants (id) ON DELETE CASCADE,
+        in_call        INTEGER NOT NULL DEFAULT 0,
+        last_ping      INTEGER NOT NULL DEFAULT 0,
+        device         TEXT
+    );
+    INSERT INTO sessions_v2 (id, participant_id, in_call, last_ping)
+    SELECT s.id, s.participant_id, s.in_call, p.last_ping
+      FROM sessions AS s JOIN participants AS p ON p.id = s.participant_id;
+    DROP TABLE sessions;
+    ALTER TABLE sessions_v2 RENAME TO sessions;
+    CREATE INDEX sessions_by_participant ON sessions (participant_id, seq);
+    """,
+]
 
 
 def connect(path, durability="full") -> sqlite3.Connection:
@@ -329,6 +426,14 @@ def migrate(conn):
     new database at once cannot both create it, and a crash leaves either
     the old version or the new one.
     """
+    conn.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction
+    try:
+        _migrate(conn)
+    finally:
+        conn.execute("PRAGMA foreign_keys = ON")
+
+
+def _migrate(conn):
     with transaction(conn):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -345,6 +450,8 @@ def migrate(conn):
             for statement in sql_statements(MIGRATIONS[step - 1]):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {step + 1}")
+        if conn.execute("PRAGMA foreign_key_check").fetchone() is not None:
+            raise RuntimeError("migration left rows that break a foreign key")
 
 
 class Batch:
@@ -691,8 +798,11 @@ def start_session(db, participant_id: int, now: int) -> str:
     )
     session_id = new_session_id()
     db.execute(
-        "INSERT INTO sessions (id, participant_id) VALUES (:id, :pid)",
-        {"id": session_id, "pid": participant_id},
+        """
+        INSERT INTO sessions (id, participant_id, last_ping)
+        VALUES (:id, :pid, :now)
+        """,
+        {"id": session_id, "pid": participant_id, "now": now},
     )
     touch(db, participant_id, now)
     return session_id
@@ -735,7 +845,7 @@ def latest_session_of(db, user_id, guest_id):
           JOIN sessions AS s ON s.participant_id = p.id
          WHERE (:user_id IS NOT NULL AND p.user_id = :user_id)
             OR (:guest_id IS NOT NULL AND p.guest_id = :guest_id)
-         ORDER BY p.last_ping DESC
+         ORDER BY p.last_ping DESC, s.seq DESC
          LIMIT 1
         """,
         {"user_id": user_id, "guest_id": guest_id},
@@ -847,7 +957,8 @@ def participants_of(db, room_id: int) -> list[sqlite3.Row]:
         f"""
         SELECT {PARTICIPANT_COLUMNS}
           FROM participants AS p
-          LEFT JOIN sessions AS s ON s.participant_id = p.id
+          LEFT JOIN sessions AS s ON s.seq = (
+                SELECT max(seq) FROM sessions WHERE participant_id = p.id)
           LEFT JOIN users AS u ON u.id = p.user_id
          WHERE p.room_id = :room_id
          ORDER BY p.guest_id IS NOT NULL, p.last_ping DESC, p.id
@@ -869,7 +980,8 @@ def rooms_of(db, user_id: str) -> list[tuple[dict, list[sqlite3.Row]]]:
           FROM participants AS mine
           JOIN rooms AS r ON r.id = mine.room_id
           JOIN participants AS p ON p.room_id = r.id
-          LEFT JOIN sessions AS s ON s.participant_id = p.id
+          LEFT JOIN sessions AS s ON s.seq = (
+                SELECT max(seq) FROM sessions WHERE participant_id = p.id)
           LEFT JOIN users AS u ON u.id = p.user_id
          WHERE mine.user_id = :user_id
          ORDER BY max(r.last_activity, mine.last_ping) DESC, r.id DESC,
@@ -898,7 +1010,8 @@ def participant_of(db, room_id: int, user_id=None, guest_id=None):
         f"""
         SELECT {PARTICIPANT_COLUMNS}
           FROM participants AS p
-          LEFT JOIN sessions AS s ON s.participant_id = p.id
+          LEFT JOIN sessions AS s ON s.seq = (
+                SELECT max(seq) FROM sessions WHERE participant_id = p.id)
           LEFT JOIN users AS u ON u.id = p.user_id
          WHERE p.room_id = :room_id
            AND (p.user_id = :user_id OR p.guest_id = :guest_id)

@@ -193,7 +193,7 @@ def test_two_opens_of_a_new_database_at_once(tmp_path, open_db):
 # Migrations: an old database built by hand
 # ---------------------------------------------------------------------------
 
-ADD_DESCRIPTION = "ALTER TABLE rooms ADD COLUMN description TEXT NOT NULL DEFAULT '';"
+ADD_DESCRIPTION = "ALTER TABLE rooms ADD COLUMN topic TEXT NOT NULL DEFAULT '';"
 
 
 def build_current_database(path):
@@ -217,10 +217,10 @@ def test_migration_brings_old_database_up_to_date(tmp_path, monkeypatch, open_db
     database = open_db(path)
     with database.read() as db:
         columns = [row["name"] for row in db.execute("PRAGMA table_info(rooms)")]
-        assert "description" in columns
+        assert "topic" in columns
         room = talk_server.room_by_token(db, "abcdefgh")
         assert room["name"] == "Old room"
-        assert room["description"] == ""
+        assert room["topic"] == ""
         assert talk_server.get_user(db, "alice")["display_name"] == "Alice"
     assert user_version(path) == old + 1
 
@@ -249,7 +249,7 @@ def test_failed_migration_leaves_the_old_version(tmp_path, monkeypatch):
     conn = raw(path)
     try:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(rooms)")]
-        assert "description" not in columns
+        assert "topic" not in columns
         assert conn.execute("SELECT name FROM rooms").fetchall() == [("Old room",)]
     finally:
         conn.close()
@@ -260,3 +260,74 @@ def test_new_database_skips_migrations(tmp_path, monkeypatch, open_db):
     monkeypatch.setattr(talk_server, "MIGRATIONS", ["THIS IS NOT SQL;"])
     open_db(tmp_path / "fresh.db")
     assert user_version(tmp_path / "fresh.db") == talk_server.SCHEMA_VERSION
+
+
+V1_SCHEMA = Path(__file__).resolve().parent / "data" / "schema_v1.sql"
+
+
+def build_v1_database(path):
+    """A database as talk-server 0.1 (schema version 1) left it, with a call in a room."""
+    conn = raw(path)
+    conn.executescript(V1_SCHEMA.read_text(encoding="utf-8"))
+    conn.executescript(
+        """
+        PRAGMA foreign_keys = ON;
+        INSERT INTO users (id, display_name, password_hash) VALUES ('alice', 'Alice', 'x');
+        INSERT INTO rooms (id, token, type, name, last_activity)
+        VALUES (7, 'abcdefgh', 3, 'Old room', 1700000000);
+        INSERT INTO participants (id, room_id, user_id, participant_type, last_ping)
+        VALUES (3, 7, 'alice', 1, 1700000005);
+        INSERT INTO sessions (id, participant_id, in_call) VALUES ('s1', 3, 1);
+        INSERT INTO messages (room_id, seq, actor_type, actor_id, timestamp, message)
+        VALUES (7, 1, 'users', 'alice', 1700000001, 'hello');
+        INSERT INTO signaling (recipient, sender, data, created) VALUES ('s1', 's1', '{}', 1);
+        """
+    )
+    conn.close()
+    assert user_version(path) == 1
+
+
+def test_version_1_database_is_migrated_keeping_its_data(tmp_path, open_db):
+    path = tmp_path / "v1.db"
+    build_v1_database(path)
+    database = open_db(path)
+    assert user_version(path) == talk_server.SCHEMA_VERSION
+    with database.read() as db:
+        room = talk_server.room_by_token(db, "abcdefgh")
+        assert (room["name"], room["type"], room["created"]) == ("Old room", 3, 1700000000)
+        session = talk_server.session_by_id(db, "s1")
+        assert (session["room_id"], session["in_call"], session["user_id"]) == (7, 1, "alice")
+        assert db.execute("SELECT last_ping FROM sessions").fetchone()[0] == 1700000005
+        assert db.execute("SELECT message FROM messages").fetchone()[0] == "hello"
+        assert db.execute("SELECT COUNT(*) FROM signaling").fetchone()[0] == 1
+        assert talk_server.get_user(db, "alice")["display_name"] == "Alice"
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    with database.write() as db:  # the cascades still hold after the rebuild
+        talk_server.delete_room(db, 7)
+    with database.read() as db:
+        assert db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM signaling").fetchone()[0] == 0
+
+
+def test_migrated_version_1_database_matches_a_new_one(tmp_path, open_db):
+    """Every table and column of schema.sql is there after migrating, in the same form."""
+
+    def shape(path):
+        conn = raw(path)
+        try:
+            tables = [r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            indexes = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
+            columns = {t: sorted(tuple(c)[1:] for c in conn.execute(f"PRAGMA table_info({t})"))
+                       for t in tables}
+            keys = {t: sorted(tuple(k)[2:] for k in conn.execute(f"PRAGMA foreign_key_list({t})"))
+                    for t in tables}
+            return tables, indexes, columns, keys
+        finally:
+            conn.close()
+
+    build_v1_database(tmp_path / "old.db")
+    open_db(tmp_path / "old.db")
+    open_db(tmp_path / "new.db")
+    assert shape(tmp_path / "old.db") == shape(tmp_path / "new.db")
