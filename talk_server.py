@@ -57,7 +57,9 @@ import waitress.wasyncore
 
 # One route serves OCS v1 and v2 (<ocs> is "1" or "2"): half the routes to
 # compile at start.
-API_PREFIX = "/ocs/v<ocs:re:[12]>.php/apps/spreed/api/v1"
+SPREED_PREFIX = "/ocs/v<ocs:re:[12]>.php/apps/spreed/api"
+API_PREFIX = SPREED_PREFIX + "/v1"
+API_V4_PREFIX = SPREED_PREFIX + "/v4"
 CLOUD_PREFIX = "/ocs/v<ocs:re:[12]>.php/cloud"
 
 # Room types
@@ -1583,6 +1585,17 @@ def read_body(environ, max_body):
     fail(400, f"Unsupported content type {ctype}")
 
 
+def text_value(name, value, default=None, required=False) -> str | None:
+    """A raw parameter as a string; numbers are taken as their text, other types 400."""
+    if value is None:
+        if required:
+            fail(400, f"Missing parameter {name}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        fail(400, f"Parameter {name} must be a string")
+    return str(value)
+
+
 class Call:
     """One request as a handler sees it: the app's state, the actor, the parameters."""
 
@@ -1601,14 +1614,7 @@ class Call:
 
     def text(self, name, default=None, required=False) -> str | None:
         """A string parameter; numbers are taken as their text, other types 400."""
-        value = self.params.get(name)
-        if value is None:
-            if required:
-                fail(400, f"Missing parameter {name}")
-            return default
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            fail(400, f"Parameter {name} must be a string")
-        return str(value)
+        return text_value(name, self.params.get(name), default, required)
 
     def integer(self, name, default=None, minimum=None, required=False) -> int | None:
         """An integer parameter (JSON number or decimal text), else 400."""
@@ -1901,6 +1907,29 @@ class Notifier:
                     waiter.cond.notify()
 
 
+def long_poll(waits):
+    """Mark a handler as a long-poll: `waits(query)` tells, from the query
+    parameters the handler will read, whether this request may wait. The
+    serving layer keeps such requests within the long-poll budget."""
+
+    def mark(handler):
+        handler.waits = waits
+        return handler
+
+    return mark
+
+
+def query_integer(query, name, default) -> int:
+    """An integer query parameter as a long-poll classifier reads it (bad: 0, no wait)."""
+    value = query.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        return 0
+
+
 def chat_key(room_id):
     return ("chat", room_id)
 
@@ -1914,23 +1943,304 @@ def session_key(session_id):
 
 
 # ---------------------------------------------------------------------------
-# Routes: Room management
+# Room operations: the rules both API generations share (SPEC 11)
+# ---------------------------------------------------------------------------
+
+# Named refusals of the room operations, with the status the 2018 routes give
+# them; REFUSED_V4 holds where today's routes answer otherwise.
+REFUSED = {
+    "no-user": (404, "User not found"),
+    "no-group": (404, "Group not found"),
+    "no-participant": (404, "Participant not found"),
+    "self-one-to-one": (403, "You cannot start a one-to-one conversation with yourself"),
+    "rename-one-to-one": (405, "A one-to-one room cannot be renamed"),
+    "password-not-public": (403, "Only public rooms can have a password"),
+    "owner-protected": (403, "The owner cannot be removed"),
+    "not-a-guest": (403, "The participant is not a guest"),
+    "owner-above-moderator": (403, "The owner is already above a moderator"),
+    "promote-not-user": (412, "Only a user (type 3) can be promoted"),
+    "demote-self": (403, "You cannot demote yourself"),
+    "demote-not-moderator": (412, "Only a moderator (type 2) can be demoted"),
+    "wrong-password": (403, "Wrong room password"),
+}
+REFUSED_V4 = {
+    "rename-one-to-one": 400,
+    "password-not-public": 400,
+    "owner-protected": 400,
+    "not-a-guest": 400,
+    "owner-above-moderator": 400,
+    "promote-not-user": 400,
+    "demote-self": 400,
+    "demote-not-moderator": 400,
+}
+
+
+class Refused(Exception):
+    """A room operation said no, for a named reason (a key of REFUSED)."""
+
+    def __init__(self, reason, data=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.data = data
+
+    def as_ocs_error(self, generation) -> OCSError:
+        status, message = REFUSED[self.reason]
+        if generation >= 4:
+            status = REFUSED_V4.get(self.reason, status)
+        return OCSError(status, message, self.data)
+
+
+class Rooms:
+    """The room operations: each checks who may, writes in one transaction,
+    wakes the polls it concerns and returns rows; it refuses with Refused or
+    the document's 404/403 (room_for). Handlers of both API generations call
+    these and only parse and shape around them.
+    """
+
+    def __init__(self, talk):
+        self.talk = talk
+
+    def now(self) -> int:
+        return int(self.talk.clock())
+
+    def create(self, actor, room_type, name="", invite="") -> tuple[sqlite3.Row, bool]:
+        """Create a room of `room_type`; (room, False) when a one-to-one room already exists."""
+        me, now = actor.user_id, self.now()
+        self.talk.room_creation.take(me, "new rooms")
+        with self.talk.db.write() as db:
+            if room_type == ROOM_ONE_TO_ONE:
+                if not invite or get_user(db, invite) is None:
+                    raise Refused("no-user")
+                if invite == me:
+                    raise Refused("self-one-to-one")
+                room = one_to_one_room(db, me, invite)
+                if room is not None:
+                    return room, False
+                room = create_room(db, ROOM_ONE_TO_ONE, "", now)
+                add_participant(db, room["id"], OWNER, 0, user_id=me)
+                add_participant(db, room["id"], OWNER, 0, user_id=invite)
+            elif room_type == ROOM_GROUP:
+                members = []
+                if invite:
+                    if not group_exists(db, invite):
+                        raise Refused("no-group")
+                    members = [u for u in group_members(db, invite) if u != me]
+                room = create_room(db, ROOM_GROUP, name or invite, now)
+                add_participant(db, room["id"], OWNER, 0, user_id=me)
+                for user_id in members:
+                    add_participant(db, room["id"], USER, 0, user_id=user_id)
+            else:
+                room = create_room(db, ROOM_PUBLIC, name, now)
+                add_participant(db, room["id"], OWNER, 0, user_id=me)
+        return room, True
+
+    def rename(self, actor, token, raw_name, max_length) -> sqlite3.Row:
+        """Rename a room (moderators); a one-to-one room's name is its partner.
+
+        The name is checked after the caller's rights, as Talk does.
+        """
+        with self.talk.db.write() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            name = room_name(raw_name, max_length)
+            if not name:
+                fail(400, f"roomName must be 1 to {max_length} characters")
+            if room["type"] == ROOM_ONE_TO_ONE:
+                raise Refused("rename-one-to-one")
+            rename_room(db, room["id"], name)
+        return room
+
+    def set_password(self, actor, token, password) -> sqlite3.Row:
+        """Set or clear (empty) the password of a public room (moderators)."""
+
+        def check(db):
+            room, _ = room_for(db, actor, token, MODERATE)
+            if room["type"] != ROOM_PUBLIC:
+                raise Refused("password-not-public")
+            return room
+
+        with self.talk.db.read() as db:
+            check(db)
+        # Hash outside the write transaction: scrypt is slow on a Pi.
+        password_hash = self.talk.credentials.hash(password) if password else ""
+        with self.talk.db.write() as db:
+            room = check(db)
+            set_room_password(db, room["id"], password_hash)
+        return room
+
+    def delete(self, actor, token) -> None:
+        """Delete a room (moderators): everyone waiting in it is answered."""
+        with self.talk.db.write() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            delete_room(db, room["id"])
+        self.talk.room_changed(room["id"], chat=True)
+
+    def make_public(self, actor, token) -> None:
+        with self.talk.db.write() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            set_room_type(db, room["id"], ROOM_PUBLIC)
+
+    def make_private(self, actor, token) -> None:
+        """A public room becomes a group room; its guests and self-joined users go."""
+        with self.talk.db.write() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            if room["type"] == ROOM_PUBLIC:
+                set_room_type(db, room["id"], ROOM_GROUP)
+                remove_guests_and_self_joined(db, room["id"])
+        self.talk.room_changed(room["id"])
+
+    def add_user(self, actor, token, user_id) -> int | None:
+        """Add a user (moderators); returns the room's new type when it changed.
+
+        Adding a third person turns a one-to-one room into a group room.
+        """
+        with self.talk.db.write() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            if participant_of(db, room["id"], user_id=user_id) is not None:
+                return None
+            if not user_id or get_user(db, user_id) is None:
+                raise Refused("no-user")
+            add_participant(db, room["id"], USER, 0, user_id=user_id)
+            if room["type"] == ROOM_ONE_TO_ONE:
+                set_room_type(db, room["id"], ROOM_GROUP)
+                return ROOM_GROUP
+        return None
+
+    def remove(self, actor, token, find) -> None:
+        """Remove the participant `find(db, room)` returns (moderators); never the owner.
+
+        In a one-to-one room this deletes the room, as Talk 3.1 did.
+        """
+        with self.talk.db.write() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            gone = room["type"] == ROOM_ONE_TO_ONE
+            if gone:
+                delete_room(db, room["id"])
+            else:
+                row = find(db, room)
+                if row is None:
+                    raise Refused("no-participant")
+                if row["participant_type"] == OWNER:
+                    raise Refused("owner-protected")
+                remove_participant(db, row["id"])
+        self.talk.room_changed(room["id"], chat=gone)
+
+    def remove_guest(self, actor, token, session_id) -> None:
+        """Remove the guest holding `session_id` (moderators)."""
+        with self.talk.db.write() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            row = participant_by_session(db, room["id"], session_id) if session_id else None
+            if row is None:
+                raise Refused("no-participant")
+            if row["participant_type"] != GUEST:
+                raise Refused("not-a-guest")
+            remove_participant(db, row["id"])
+        self.talk.room_changed(room["id"])
+
+    def remove_self(self, actor, token) -> None:
+        """Leave a room for good; the last one out (or either of a one-to-one) deletes it."""
+        with self.talk.db.write() as db:
+            room, me = room_for(db, actor, token, ROW)
+            gone = room["type"] == ROOM_ONE_TO_ONE or count_participants(db, room["id"]) <= 1
+            if gone:
+                delete_room(db, room["id"])
+            else:
+                remove_participant(db, me["id"])
+        self.talk.room_changed(room["id"], chat=gone)
+
+    def join(self, actor, token, password, guest_id, address) -> tuple[sqlite3.Row, str]:
+        """Join a room: a new session for the caller; (room, session id).
+
+        Guests and self-joining users give the room password (checked before
+        the write transaction, as scrypt is slow, and throttled per address).
+        `guest_id` is called for a guest's id once the password passed.
+        """
+        with self.talk.db.read() as db:
+            room, me = room_for(db, actor, token, SEE)
+        needs_password = bool(room["password_hash"]) and not (
+            me is not None and actor.user_id and me["participant_type"] in MEMBER_TYPES
+        )
+        if needs_password:
+            self.talk.room_throttle.check(address)
+            if not self.talk.credentials.check(room["password_hash"], password):
+                self.talk.room_throttle.failed(address)
+                raise Refused("wrong-password")
+            self.talk.room_throttle.succeeded(address)
+        guest = None if actor.user_id else guest_id()
+        now = self.now()
+        with self.talk.db.write() as db:
+            room, me = room_for(db, actor, token, SEE)
+            if me is None:
+                kind = USER_SELF_JOINED if actor.user_id else GUEST
+                pid = add_participant(
+                    db, room["id"], kind, now, user_id=actor.user_id, guest_id=guest
+                )
+            else:
+                pid = me["id"]
+            session_id = start_session(db, pid, now)
+        self.talk.room_changed(room["id"])
+        return room, session_id
+
+    def leave(self, actor, token) -> None:
+        """Leave a room's chat and call: the session ends; guests and self-joined go."""
+        with self.talk.db.write() as db:
+            room, me = room_for(db, actor, token, SEE)
+            if me is not None and me["session_id"] != "0":
+                if me["participant_type"] in (GUEST, USER_SELF_JOINED):
+                    remove_participant(db, me["id"])
+                else:
+                    end_session(db, me["id"])
+        self.talk.room_changed(room["id"])
+
+    def promote(self, actor, token, find) -> None:
+        """Make the user `find(db, room)` returns a moderator (moderators)."""
+        with self.talk.db.write() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            row = find(db, room)
+            if row is None:
+                raise Refused("no-participant")
+            if row["participant_type"] == OWNER:
+                raise Refused("owner-above-moderator")
+            if row["participant_type"] != USER:
+                raise Refused("promote-not-user")
+            set_participant_type(db, row["id"], MODERATOR)
+
+    def demote(self, actor, token, find) -> None:
+        """Make the moderator `find(db, room)` returns a plain user (moderators)."""
+        with self.talk.db.write() as db:
+            room, me = room_for(db, actor, token, MODERATE)
+            row = find(db, room)
+            if row is not None and row["id"] == me["id"]:
+                raise Refused("demote-self")
+            if row is None:
+                raise Refused("no-participant")
+            if row["participant_type"] != MODERATOR:
+                raise Refused("demote-not-moderator")
+            set_participant_type(db, row["id"], USER)
+
+
+def by_user(user_id):
+    """A finder for Rooms.remove/promote/demote: the row of a user id."""
+    return lambda db, room: participant_of(db, room["id"], user_id=user_id) if user_id else None
+
+
+# ---------------------------------------------------------------------------
+# Routes, API v1 (2018): Room management
 # ---------------------------------------------------------------------------
 
 
-def room_name_param(rq, name="roomName") -> str | None:
-    """An optional room name: trimmed, at most 200 characters, else 400."""
-    value = rq.text(name)
+def room_name(value, max_length=ROOM_NAME_MAX) -> str | None:
+    """An optional room name from a raw parameter: trimmed, at most `max_length`, else 400."""
+    value = text_value("roomName", value)
     if value is None:
         return None
     value = value.strip()
-    if len(value) > ROOM_NAME_MAX:
-        fail(400, f"Room name longer than {ROOM_NAME_MAX} characters")
+    if len(value) > max_length:
+        fail(400, f"Room name longer than {max_length} characters")
     return value
 
 
 def room_answer(rq, db, room) -> dict:
-    """The room object for the caller, after deleting expired guests."""
+    """The 2018 room object for the caller."""
     rows = participants_of(db, room["id"])
     return room_json(room, rows, rq.actor, rq.now)
 
@@ -1941,41 +2251,12 @@ def room_create(rq):
     if room_type not in ROOM_TYPES:
         fail(400, "roomType must be 1, 2 or 3")
     invite = rq.text("invite", "")
-    name = room_name_param(rq) or ""
-    me, now = rq.actor.user_id, rq.now
-    rq.talk.room_creation.take(me, "new rooms")
-    with rq.talk.db.write() as db:
-        if room_type == ROOM_ONE_TO_ONE:
-            if not invite or get_user(db, invite) is None:
-                fail(404, "User not found")
-            if invite == me:
-                fail(403, "You cannot start a one-to-one conversation with yourself")
-            room = one_to_one_room(db, me, invite)
-            if room is not None:
-                return room_created(db, room, rq, status=200)
-            room = create_room(db, ROOM_ONE_TO_ONE, "", now)
-            add_participant(db, room["id"], OWNER, 0, user_id=me)
-            add_participant(db, room["id"], OWNER, 0, user_id=invite)
-        elif room_type == ROOM_GROUP:
-            members = []
-            if invite:
-                if not group_exists(db, invite):
-                    fail(404, "Group not found")
-                members = [u for u in group_members(db, invite) if u != me]
-            room = create_room(db, ROOM_GROUP, name or invite, now)
-            add_participant(db, room["id"], OWNER, 0, user_id=me)
-            for user_id in members:
-                add_participant(db, room["id"], USER, 0, user_id=user_id)
-        else:
-            room = create_room(db, ROOM_PUBLIC, name, now)
-            add_participant(db, room["id"], OWNER, 0, user_id=me)
-        return room_created(db, room, rq, status=201)
-
-
-def room_created(db, room, rq, status):
-    shown = room_answer(rq, db, room)
+    name = room_name(rq.params.get("roomName")) or ""
+    room, created = rq.talk.rooms.create(rq.actor, room_type, name, invite)
+    with rq.talk.db.read() as db:
+        shown = room_answer(rq, db, room)
     data = {"token": room["token"], "name": shown["name"], "displayName": shown["displayName"]}
-    return Reply(status, data)
+    return Reply(201 if created else 200, data)
 
 
 def room_list(rq):
@@ -2006,65 +2287,36 @@ def room_get(rq, token):
 
 def room_rename(rq, token):
     """PUT /room/{token}: Rename a room."""
-    with rq.talk.db.write() as db:
-        room, _ = room_for(db, rq.actor, token, MODERATE)
-        name = room_name_param(rq)
-        if not name:
-            fail(400, "roomName must be 1 to 200 characters")
-        # Rename a room: 405 for a one-to-one room (its name is the partner).
-        if room["type"] == ROOM_ONE_TO_ONE:
-            fail(405, "A one-to-one room cannot be renamed")
-        rename_room(db, room["id"], name)
+    rq.talk.rooms.rename(rq.actor, token, rq.params.get("roomName"), ROOM_NAME_MAX)
     return []
 
 
 def room_set_password(rq, token):
     """PUT /room/{token}/password: Set password for a room."""
-    password = rq.text("password", "")
-    with rq.talk.db.read() as db:
-        room, _ = room_for(db, rq.actor, token, MODERATE)
-        if room["type"] != ROOM_PUBLIC:
-            fail(403, "Only public rooms can have a password")
-    # Hash outside the write transaction: scrypt is slow on a Pi.
-    password_hash = rq.talk.credentials.hash(password) if password else ""
-    with rq.talk.db.write() as db:
-        room, _ = room_for(db, rq.actor, token, MODERATE)
-        if room["type"] != ROOM_PUBLIC:
-            fail(403, "Only public rooms can have a password")
-        set_room_password(db, room["id"], password_hash)
+    rq.talk.rooms.set_password(rq.actor, token, rq.text("password", ""))
     return []
 
 
 def room_delete(rq, token):
     """DELETE /room/{token}: Delete a room."""
-    with rq.talk.db.write() as db:
-        room, _ = room_for(db, rq.actor, token, MODERATE)
-        delete_room(db, room["id"])
-    rq.talk.room_changed(room["id"], chat=True)
+    rq.talk.rooms.delete(rq.actor, token)
     return []
 
 
 def room_make_public(rq, token):
     """POST /room/{token}/public: Allow guests in a room (public room)."""
-    with rq.talk.db.write() as db:
-        room, _ = room_for(db, rq.actor, token, MODERATE)
-        set_room_type(db, room["id"], ROOM_PUBLIC)
+    rq.talk.rooms.make_public(rq.actor, token)
     return []
 
 
 def room_make_private(rq, token):
     """DELETE /room/{token}/public: Disallow guests in a room (group room)."""
-    with rq.talk.db.write() as db:
-        room, _ = room_for(db, rq.actor, token, MODERATE)
-        if room["type"] == ROOM_PUBLIC:
-            set_room_type(db, room["id"], ROOM_GROUP)
-            remove_guests_and_self_joined(db, room["id"])
-    rq.talk.room_changed(room["id"])
+    rq.talk.rooms.make_private(rq.actor, token)
     return []
 
 
 # ---------------------------------------------------------------------------
-# Routes: Participant management
+# Routes, API v1 (2018): Participant management
 # ---------------------------------------------------------------------------
 
 
@@ -2079,149 +2331,57 @@ def participant_list(rq, token):
 
 def participant_add(rq, token):
     """POST /room/{token}/participants: Add a participant to a room."""
-    new_user = rq.text("newParticipant", "")
-    with rq.talk.db.write() as db:
-        room, _ = room_for(db, rq.actor, token, MODERATE)
-        if participant_of(db, room["id"], user_id=new_user) is not None:
-            return []
-        if not new_user or get_user(db, new_user) is None:
-            fail(404, "User not found")
-        add_participant(db, room["id"], USER, 0, user_id=new_user)
-        # Adding a third person turns a one-to-one room into a group room.
-        if room["type"] == ROOM_ONE_TO_ONE:
-            set_room_type(db, room["id"], ROOM_GROUP)
-            return {"type": ROOM_GROUP}
-    return []
+    new_type = rq.talk.rooms.add_user(rq.actor, token, rq.text("newParticipant", ""))
+    return {"type": new_type} if new_type else []
 
 
 def participant_remove(rq, token):
     """DELETE /room/{token}/participants: Delete a participant from a room."""
-    target = rq.text("participant", "")
-    with rq.talk.db.write() as db:
-        room, _ = room_for(db, rq.actor, token, MODERATE)
-        if room["type"] == ROOM_ONE_TO_ONE:
-            delete_room(db, room["id"])
-            gone = True
-        else:
-            row = participant_of(db, room["id"], user_id=target) if target else None
-            if row is None:
-                fail(404, "Participant not found")
-            if row["participant_type"] == OWNER:
-                fail(403, "The owner cannot be removed")
-            remove_participant(db, row["id"])
-            gone = False
-    rq.talk.room_changed(room["id"], chat=gone)
+    rq.talk.rooms.remove(rq.actor, token, by_user(rq.text("participant", "")))
     return []
 
 
 def participant_remove_guest(rq, token):
     """DELETE /room/{token}/participants/guests: Remove a guest from a room."""
-    session_id = rq.text("participant", "")
-    with rq.talk.db.write() as db:
-        room, _ = room_for(db, rq.actor, token, MODERATE)
-        row = participant_by_session(db, room["id"], session_id) if session_id else None
-        if row is None:
-            fail(404, "Participant not found")
-        if row["participant_type"] != GUEST:
-            fail(403, "The participant is not a guest")
-        remove_participant(db, row["id"])
-    rq.talk.room_changed(room["id"])
+    rq.talk.rooms.remove_guest(rq.actor, token, rq.text("participant", ""))
     return []
 
 
 def participant_remove_self(rq, token):
     """DELETE /room/{token}/participants/self: Remove yourself from a room."""
-    with rq.talk.db.write() as db:
-        room, me = room_for(db, rq.actor, token, ROW)
-        gone = room["type"] == ROOM_ONE_TO_ONE or count_participants(db, room["id"]) <= 1
-        if gone:
-            delete_room(db, room["id"])
-        else:
-            remove_participant(db, me["id"])
-    rq.talk.room_changed(room["id"], chat=gone)
+    rq.talk.rooms.remove_self(rq.actor, token)
     return []
 
 
 def participant_join(rq, token):
     """POST /room/{token}/participants/active: Join a room (available for call and chat)."""
-    password = rq.text("password", "")
-    actor, now = rq.actor, rq.now
-    with rq.talk.db.read() as db:
-        room, me = room_for(db, actor, token, SEE)
-    needs_password = bool(room["password_hash"]) and not (
-        me is not None and actor.user_id and me["participant_type"] in MEMBER_TYPES
+    address = client_address(bottle.request.environ)
+    _, session_id = rq.talk.rooms.join(
+        rq.actor, token, rq.text("password", ""), rq.guest_id, address
     )
-    # Join a room: types 4 and 5 give the room password (checked before the
-    # write transaction, as scrypt is slow).
-    if needs_password:
-        address = client_address(bottle.request.environ)
-        rq.talk.room_throttle.check(address)
-        if not rq.talk.credentials.check(room["password_hash"], password):
-            rq.talk.room_throttle.failed(address)
-            fail(403, "Wrong room password")
-        rq.talk.room_throttle.succeeded(address)
-    guest_id = None if actor.user_id else rq.guest_id()
-    with rq.talk.db.write() as db:
-        room, me = room_for(db, actor, token, SEE)
-        if me is None:
-            kind = USER_SELF_JOINED if actor.user_id else GUEST
-            pid = add_participant(
-                db, room["id"], kind, now, user_id=actor.user_id, guest_id=guest_id
-            )
-        else:
-            pid = me["id"]
-        session_id = start_session(db, pid, now)
-    rq.talk.room_changed(room["id"])
     return {"sessionId": session_id}
 
 
 def participant_leave(rq, token):
     """DELETE /room/{token}/participants/active: Leave a room (not available for call and chat anymore)."""
-    with rq.talk.db.write() as db:
-        room, me = room_for(db, rq.actor, token, SEE)
-        if me is not None and me["session_id"] != "0":
-            if me["participant_type"] in (GUEST, USER_SELF_JOINED):
-                remove_participant(db, me["id"])
-            else:
-                end_session(db, me["id"])
-    rq.talk.room_changed(room["id"])
+    rq.talk.rooms.leave(rq.actor, token)
     return []
 
 
 def moderator_promote(rq, token):
     """POST /room/{token}/moderators: Promote a user to a moderator."""
-    target = rq.text("participant", "")
-    with rq.talk.db.write() as db:
-        room, _ = room_for(db, rq.actor, token, MODERATE)
-        row = participant_of(db, room["id"], user_id=target) if target else None
-        if row is None:
-            fail(404, "Participant not found")
-        if row["participant_type"] == OWNER:
-            fail(403, "The owner is already above a moderator")
-        if row["participant_type"] != USER:
-            fail(412, "Only a user (type 3) can be promoted")
-        set_participant_type(db, row["id"], MODERATOR)
+    rq.talk.rooms.promote(rq.actor, token, by_user(rq.text("participant", "")))
     return []
 
 
 def moderator_demote(rq, token):
     """DELETE /room/{token}/moderators: Demote a moderator to a user."""
-    target = rq.text("participant", "")
-    with rq.talk.db.write() as db:
-        room, _ = room_for(db, rq.actor, token, MODERATE)
-        if target == rq.actor.user_id:
-            fail(403, "You cannot demote yourself")
-        row = participant_of(db, room["id"], user_id=target) if target else None
-        if row is None:
-            fail(404, "Participant not found")
-        if row["participant_type"] != MODERATOR:
-            fail(412, "Only a moderator (type 2) can be demoted")
-        set_participant_type(db, row["id"], USER)
+    rq.talk.rooms.demote(rq.actor, token, by_user(rq.text("participant", "")))
     return []
 
 
 # ---------------------------------------------------------------------------
-# Routes: Call management
+# Routes, API v1 (2018): Call management
 # ---------------------------------------------------------------------------
 
 
@@ -2266,10 +2426,11 @@ def call_leave(rq, token):
 
 
 # ---------------------------------------------------------------------------
-# Routes: Chat
+# Routes, API v1 (2018): Chat
 # ---------------------------------------------------------------------------
 
 
+@long_poll(lambda query: query_integer(query, "timeout", CHAT_DEFAULT_TIMEOUT) > 0)
 def chat_receive(rq, token):
     """GET /chat/{token}: Receive chat messages of a room."""
     offset = rq.integer("offset", 0, minimum=0)
@@ -2334,7 +2495,7 @@ def chat_send(rq, token):
 
 
 # ---------------------------------------------------------------------------
-# Routes: Signaling
+# Routes, API v1 (2018): Signaling
 # ---------------------------------------------------------------------------
 
 
@@ -2428,6 +2589,7 @@ def signaling_send(rq, token=None):
     return []
 
 
+@long_poll(lambda query: True)
 def signaling_receive(rq, token=None):
     """GET /signaling and /signaling/{token}: Receive signaling messages (long-poll)."""
     talk = rq.talk
@@ -2686,7 +2848,12 @@ def cloud_group_delete(rq, groupid):
 
 PUBLIC, USERS = "public", "users"
 
-# (method, path under the Talk API or /cloud, handler, who may call it)
+# One table per API generation and prefix: (method, path under the prefix,
+# handler, who may call it). ROUTE_TABLES says where each is served and which
+# generation's status codes its refusals take (SPEC 11).
+
+# API v1 (2018), under /ocs/v{1,2}.php/apps/spreed/api/v1 (SPEC 3-7). Chat
+# lives here in both generations.
 ROUTES = [
     # Room management
     ("POST", "/room", room_create, USERS),
@@ -2723,6 +2890,11 @@ ROUTES = [
     ("GET", "/signaling/<token>", signaling_receive, PUBLIC),
 ]
 
+# API v4 (today), under /ocs/v{1,2}.php/apps/spreed/api/v4: conversations,
+# participants and calls.
+ROUTES_V4: list[tuple] = []
+
+# Capabilities and provisioning, under /ocs/v{1,2}.php/cloud (SPEC 8, 9).
 CLOUD_ROUTES = [
     ("GET", "/capabilities", capabilities, PUBLIC),
     ("GET", "/user", cloud_me, USERS),
@@ -2739,6 +2911,39 @@ CLOUD_ROUTES = [
     ("GET", "/groups/<groupid>", cloud_group_get, USERS),
     ("DELETE", "/groups/<groupid>", cloud_group_delete, USERS),
 ]
+
+
+# (prefix, generation, table)
+ROUTE_TABLES = [
+    (API_PREFIX, 1, ROUTES),
+    (API_V4_PREFIX, 4, ROUTES_V4),
+    (CLOUD_PREFIX, 1, CLOUD_ROUTES),
+]
+
+
+def route_pattern(prefix, path) -> re.Pattern:
+    """The regular expression of a route's whole path, as Bottle reads its wildcards."""
+    regex = ""
+    for part in re.split(r"(<[^>]+>)", prefix + path):
+        if part.startswith("<"):
+            _, _, rule = part[1:-1].partition(":re:")
+            regex += f"(?:{rule})" if rule else "[^/]+"
+        else:
+            regex += re.escape(part)
+    return re.compile(regex + "$")
+
+
+def long_poll_routes() -> list[tuple[re.Pattern, object]]:
+    """Every GET route as (pattern, waits or None), static paths first as Bottle
+    matches them: the long-poll classification is derived from the route tables."""
+    routes = [
+        (path, route_pattern(prefix, path), getattr(handler, "waits", None))
+        for prefix, _, table in ROUTE_TABLES
+        for method, path, handler, _ in table
+        if method == "GET"
+    ]
+    routes.sort(key=lambda route: "<" in route[0])  # stable: table order otherwise
+    return [(pattern, waits) for _, pattern, waits in routes]
 
 
 class Talk:
@@ -2782,6 +2987,7 @@ class Talk:
         self.throttle = Throttle(throttle_free_failures)  # logins
         # Room passwords apart: a user's successful login must not reset them.
         self.room_throttle = Throttle(throttle_free_failures)
+        self.rooms = Rooms(self)
 
     def room_changed(self, room_id, chat=False):
         """Wake the room's signaling polls (and chat polls when the room went).
@@ -2817,7 +3023,7 @@ class Talk:
         self.db.close()
 
 
-def ocs_callback(talk, handler, who):
+def ocs_callback(talk, handler, who, generation=1):
     """Wrap a handler: auth, CSRF, parameters, errors and the envelope, in one place."""
 
     def wrapper(ocs, **url_args):
@@ -2837,7 +3043,9 @@ def ocs_callback(talk, handler, who):
             if not csrf_ok(environ):
                 raise CSRFError()
             result = handler(Call(talk, actor, {**query, **body}, version), **url_args)
-        except OCSError as error:
+        except (OCSError, Refused) as error:
+            if isinstance(error, Refused):
+                error = error.as_ocs_error(generation)
             data = error.data
             if version == 1 and error.v1_code:
                 bottle.response.status = 200
@@ -2873,9 +3081,9 @@ def make_app(db_path, **options) -> bottle.Bottle:
     talk = Talk(db_path, **options)
     app = bottle.Bottle(catchall=True)
     app.talk = talk
-    for prefix, table in ((API_PREFIX, ROUTES), (CLOUD_PREFIX, CLOUD_ROUTES)):
+    for prefix, generation, table in ROUTE_TABLES:
         for method, path, handler, who in table:
-            app.route(prefix + path, method, ocs_callback(talk, handler, who))
+            app.route(prefix + path, method, ocs_callback(talk, handler, who, generation))
     app.route("/status.php", "GET", status_php)
     app.route("/", "GET", static_file)
     app.route("/static/<path:path>", "GET", static_file)
@@ -2889,16 +3097,28 @@ def make_app(db_path, **options) -> bottle.Bottle:
 # ---------------------------------------------------------------------------
 
 
-# A GET that may wait: chat receive (unless timeout=0) and signaling receive.
-LONG_POLL_PATH = re.compile(r"/apps/spreed/api/v1/(chat/[^/]+|signaling(/(?!settings$)[^/]+)?)$")
+LONG_POLL_ROUTES = long_poll_routes()
 
 
 def is_long_poll(channel) -> bool:
-    """Whether the request a Waitress channel is about to serve may wait."""
+    """Whether the request a Waitress channel is about to serve may wait.
+
+    The first GET route matching the path decides, from the query parameters
+    as its handler will read them (the last of repeated ones, as Bottle).
+    """
     request = channel.requests[0] if getattr(channel, "requests", None) else None
-    if request is None or request.command != "GET" or not LONG_POLL_PATH.search(request.path):
+    if request is None or request.command != "GET":
         return False
-    return not re.search(r"(^|&)timeout=0+(&|$)", request.query or "")
+    for pattern, waits in LONG_POLL_ROUTES:
+        if pattern.match(request.path):
+            if waits is None:
+                return False
+            try:
+                query = dict(parse_qsl(request.query or "", keep_blank_values=True))
+            except ValueError:
+                return False
+            return bool(waits(query))
+    return False
 
 
 class LongPollDispatcher(waitress.task.ThreadedTaskDispatcher):
