@@ -103,7 +103,8 @@ CREATE TABLE rooms (
     avatar              BLOB,
     avatar_type         TEXT NOT NULL DEFAULT '',
     avatar_color        TEXT NOT NULL DEFAULT '',
-    avatar_version      INTEGER NOT NULL DEFAULT 0
+    avatar_version      INTEGER NOT NULL DEFAULT 0,
+    modified            INTEGER NOT NULL DEFAULT 0  -- last change of a setting (modifiedSince)
 );
 
 -- Participant management: one row per user (user_id) or guest (guest_id, a

@@ -67,6 +67,10 @@ ROOM_ONE_TO_ONE = 1
 ROOM_GROUP = 2
 ROOM_PUBLIC = 3
 ROOM_TYPES = (ROOM_ONE_TO_ONE, ROOM_GROUP, ROOM_PUBLIC)
+ROOM_CHANGELOG = 4
+ROOM_FORMER_ONE_TO_ONE = 5
+ROOM_NOTE_TO_SELF = 6
+ROOM_TYPES_V4 = (ROOM_ONE_TO_ONE, ROOM_GROUP, ROOM_PUBLIC, ROOM_NOTE_TO_SELF)
 
 # Participant types
 OWNER = 1
@@ -85,6 +89,22 @@ SESSION_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 TOKEN_LENGTH = 8
 TOKEN_ALPHABET = "abcdefghijkmnopqrstuvwxyz23456789"
 IN_CALL = 1  # bit of sessions.in_call
+# In-call flags (sessions.in_call, an integer on today's routes)
+FLAG_IN_CALL, FLAG_AUDIO, FLAG_VIDEO, FLAG_PHONE = 1, 2, 4, 8
+DEVICE_COOKIE = "talk_device"  # names a client's sessions on today's routes
+
+# Permissions (docs/constants.md): a custom set carries bit 1; 0 is "the default"
+PERM_CUSTOM, PERM_CALL_START, PERM_CALL_JOIN, PERM_LOBBY_IGNORE = 1, 2, 4, 8
+PERM_AUDIO, PERM_VIDEO, PERM_SCREEN, PERM_CHAT = 16, 32, 64, 128
+PERMISSIONS_DEFAULT_SET = 2 | 4 | 16 | 32 | 64 | 128  # what members may do by default
+PERMISSIONS_ALL = 254  # moderators
+
+# Conversation settings (docs/constants.md)
+LOBBY_NONE, LOBBY_NON_MODERATORS = 0, 1
+LISTABLE_NONE, LISTABLE_USERS, LISTABLE_ALL = 0, 1, 2
+NOTIFY_DEFAULT, NOTIFY_ALWAYS, NOTIFY_MENTION, NOTIFY_NEVER = 0, 1, 2, 3
+ROOM_NAME_MAX_V4 = 255
+DESCRIPTION_MAX = 2000
 
 # Room management
 ROOM_NAME_MAX = 200
@@ -103,9 +123,31 @@ SIGNALING_MESSAGE_MAX = 64 * 1024  # one `fn` payload
 DEFAULT_STUN = "stun.nextcloud.com:443"
 TURN_CREDENTIAL_SECONDS = 24 * 3600
 
-# Capabilities (SPEC 8)
-FEATURES = ["audio", "video", "chat", "guest-signaling", "empty-group-room"]
-NEXTCLOUD_VERSION = (13, 0, 0, 0)
+# Capabilities (SPEC 8, 11): the 2018 names first, then today's, each listed
+# only once its routes work (a listed feature the apps cannot use becomes an
+# error screen in them).
+FEATURES_2018 = ["audio", "video", "chat", "guest-signaling", "empty-group-room"]
+FEATURES = FEATURES_2018 + [
+    "conversation-v4",
+    "multi-room-users",
+    "favorites",
+    "notification-levels",
+    "notification-calls",
+    "read-only-rooms",
+    "listable-rooms",
+    "webinary-lobby",
+    "conversation-permissions",
+    "room-description",
+    "note-to-self",
+    "message-expiration",
+    "last-room-activity",
+    "invite-groups-and-mails",
+    "locked-one-to-one-rooms",
+    "force-mute",  # moderators' mute travels as a relayed signaling message
+]
+# Today's apps refuse old servers: Android wants at least 17, Talk Desktop 27.
+NEXTCLOUD_VERSION = (31, 0, 0, 0)
+SPREED_VERSION = "21.0.0"  # the Talk release whose API this server follows
 
 # Accounts
 ADMIN_GROUP = "admin"
@@ -353,7 +395,8 @@ MIGRATIONS: list[str] = [
         avatar              BLOB,
         avatar_type         TEXT NOT NULL DEFAULT '',
         avatar_color        TEXT NOT NULL DEFAULT '',
-        avatar_version      INTEGER NOT NULL DEFAULT 0
+        avatar_version      INTEGER NOT NULL DEFAULT 0,
+        modified            INTEGER NOT NULL DEFAULT 0
     );
     INSERT INTO rooms_v2 (id, token, type, name, password_hash, last_activity, created)
     SELECT id, token, type, name, password_hash, last_activity, last_activity FROM rooms;
@@ -816,6 +859,67 @@ def end_session(db, participant_id: int) -> None:
     )
 
 
+def add_session(db, participant_id: int, now: int, device: str | None) -> str:
+    """Give a participant one more session (a joined device, today's API)."""
+    session_id = new_session_id()
+    db.execute(
+        """
+        INSERT INTO sessions (id, participant_id, last_ping, device)
+        VALUES (:id, :pid, :now, :device)
+        """,
+        {"id": session_id, "pid": participant_id, "now": now, "device": device},
+    )
+    touch(db, participant_id, now)
+    return session_id
+
+
+def end_session_id(db, session_id: str) -> None:
+    db.execute("DELETE FROM sessions WHERE id = :id", {"id": session_id})
+
+
+def count_sessions(db, participant_id: int) -> int:
+    return db.execute(
+        "SELECT COUNT(*) FROM sessions WHERE participant_id = :pid", {"pid": participant_id}
+    ).fetchone()[0]
+
+
+def sessions_of(db, participant_id: int) -> list[sqlite3.Row]:
+    """A participant's sessions, newest first."""
+    return db.execute(
+        """
+        SELECT id, in_call, last_ping, device FROM sessions
+         WHERE participant_id = :pid
+         ORDER BY seq DESC
+        """,
+        {"pid": participant_id},
+    ).fetchall()
+
+
+def sessions_of_room(db, room_id: int) -> list[sqlite3.Row]:
+    """Every session in a room with its participant id, oldest first."""
+    return db.execute(
+        """
+        SELECT s.id, s.participant_id, s.in_call, s.last_ping
+          FROM sessions AS s
+          JOIN participants AS p ON p.id = s.participant_id
+         WHERE p.room_id = :room_id
+         ORDER BY s.seq
+        """,
+        {"room_id": room_id},
+    ).fetchall()
+
+
+def device_session(sessions, device, live_since):
+    """The session a device holds among a participant's (newest first), else the newest live one."""
+    for row in sessions:
+        if device is not None and row["device"] == device:
+            return row
+    for row in sessions:
+        if row["last_ping"] > live_since:
+            return row
+    return None
+
+
 def touch(db, participant_id: int, now: int) -> None:
     """Refresh a participant's lastPing (SPEC 2)."""
     db.execute(
@@ -893,8 +997,8 @@ def room_by_id(db, room_id: int):
 def create_room(db, room_type: int, name: str, now: int) -> sqlite3.Row:
     db.execute(
         """
-        INSERT INTO rooms (token, type, name, last_activity)
-        VALUES (:token, :type, :name, :now)
+        INSERT INTO rooms (token, type, name, last_activity, created, modified)
+        VALUES (:token, :type, :name, :now, :now, :now)
         """,
         {"token": new_token(db), "type": room_type, "name": name, "now": now},
     )
@@ -943,11 +1047,75 @@ def mark_activity(db, room_id: int, now: int) -> None:
     )
 
 
+ROOM_SETTINGS = (
+    "description", "read_only", "listable", "lobby_state", "lobby_timer",
+    "default_permissions", "call_permissions", "message_expiration",
+)
+
+
+def set_room_setting(db, room_id: int, column: str, value, now: int) -> None:
+    """Change one of a room's settings (a column named in ROOM_SETTINGS)."""
+    if column not in ROOM_SETTINGS:
+        raise ValueError(column)
+    db.execute(
+        f"UPDATE rooms SET {column} = :value, modified = :now WHERE id = :id",
+        {"id": room_id, "value": value, "now": now},
+    )
+
+
+def touch_room(db, room_id: int, now: int) -> None:
+    """Note that a room changed (GET /room?modifiedSince shows it again)."""
+    db.execute("UPDATE rooms SET modified = :now WHERE id = :id", {"id": room_id, "now": now})
+
+
+def note_to_self_room(db, user_id: str):
+    return db.execute(
+        """
+        SELECT r.*
+          FROM rooms AS r
+          JOIN participants AS p ON p.room_id = r.id AND p.user_id = :user_id
+         WHERE r.type = :type
+        """,
+        {"user_id": user_id, "type": ROOM_NOTE_TO_SELF},
+    ).fetchone()
+
+
+def rooms_with(db, user_id: str) -> list[sqlite3.Row]:
+    """The full rows of a user's rooms, newest activity first."""
+    return db.execute(
+        """
+        SELECT r.*
+          FROM participants AS mine
+          JOIN rooms AS r ON r.id = mine.room_id
+         WHERE mine.user_id = :user_id
+         ORDER BY r.last_activity DESC, r.id DESC
+        """,
+        {"user_id": user_id},
+    ).fetchall()
+
+
+def listed_rooms(db, user_id: str, search: str, scopes) -> list[sqlite3.Row]:
+    """Rooms listed for `scopes` (1 users, 2 everyone) that the user is not in, by name."""
+    return db.execute(
+        f"""
+        SELECT r.* FROM rooms AS r
+         WHERE r.listable IN ({",".join(str(int(s)) for s in scopes)})
+           AND instr(lower(r.name), lower(:search)) > 0
+           AND NOT EXISTS (SELECT 1 FROM participants AS p
+                            WHERE p.room_id = r.id AND p.user_id = :user_id)
+         ORDER BY r.name, r.id
+        """,
+        {"user_id": user_id, "search": search},
+    ).fetchall()
+
+
 # --- Participants ------------------------------------------------------------
 
 
 PARTICIPANT_COLUMNS = """
     p.id, p.room_id, p.user_id, p.guest_id, p.participant_type, p.last_ping,
+    p.favorite, p.notification_level, p.notification_calls, p.permissions,
+    p.last_read_message, p.guest_name, p.modified,
     coalesce(s.id, '0') AS session_id, coalesce(s.in_call, 0) AS in_call,
     coalesce(u.display_name, '') AS display_name
 """
@@ -1052,11 +1220,41 @@ def add_participant(db, room_id, participant_type, now, user_id=None, guest_id=N
     return db.execute("SELECT last_insert_rowid()").fetchone()[0]
 
 
-def set_participant_type(db, participant_id: int, participant_type: int) -> None:
+def set_participant_type(db, participant_id: int, participant_type: int, now=0) -> None:
     db.execute(
-        "UPDATE participants SET participant_type = :type WHERE id = :id",
-        {"id": participant_id, "type": participant_type},
+        "UPDATE participants SET participant_type = :type, modified = :now WHERE id = :id",
+        {"id": participant_id, "type": participant_type, "now": now},
     )
+
+
+ATTENDEE_SETTINGS = ("favorite", "notification_level", "notification_calls", "permissions")
+
+
+def set_attendee_setting(db, participant_id: int, column: str, value, now: int) -> None:
+    """Change one of an attendee's own settings (a column named in ATTENDEE_SETTINGS)."""
+    if column not in ATTENDEE_SETTINGS:
+        raise ValueError(column)
+    db.execute(
+        f"UPDATE participants SET {column} = :value, modified = :now WHERE id = :id",
+        {"id": participant_id, "value": value, "now": now},
+    )
+
+
+def participant_by_attendee(db, room_id: int, attendee_id):
+    """The row of an attendee id in a room, or None."""
+    if not isinstance(attendee_id, int):
+        return None
+    return db.execute(
+        f"""
+        SELECT {PARTICIPANT_COLUMNS}
+          FROM participants AS p
+          LEFT JOIN sessions AS s ON s.seq = (
+                SELECT max(seq) FROM sessions WHERE participant_id = p.id)
+          LEFT JOIN users AS u ON u.id = p.user_id
+         WHERE p.room_id = :room_id AND p.id = :id
+        """,
+        {"room_id": room_id, "id": attendee_id},
+    ).fetchone()
 
 
 def remove_participant(db, participant_id: int) -> None:
@@ -1215,6 +1413,37 @@ def messages_after(db, room_id, offset, not_older_than, limit) -> tuple[int | No
         {"room_id": room_id, "start": start, "limit": limit},
     ).fetchall()
     return start, rows
+
+
+def last_message_of(db, room_id: int):
+    return db.execute(
+        f"""
+        SELECT {MESSAGE_COLUMNS}
+          FROM messages AS m
+          LEFT JOIN users AS u ON u.id = m.actor_id
+         WHERE m.room_id = :room_id
+         ORDER BY m.seq DESC
+         LIMIT 1
+        """,
+        {"room_id": room_id},
+    ).fetchone()
+
+
+def unread_count(db, room_id: int, last_read: int, last_seq: int) -> int:
+    """Messages after the read marker: seq numbers them, so two index lookups."""
+    if last_read <= 0:
+        return last_seq
+    row = db.execute(
+        "SELECT seq FROM messages WHERE id = :id AND room_id = :room_id",
+        {"id": last_read, "room_id": room_id},
+    ).fetchone()
+    if row is not None:
+        return max(0, last_seq - row[0])
+    # The marked message is gone (expired): count what is newer than it.
+    return db.execute(
+        "SELECT COUNT(*) FROM messages WHERE room_id = :room_id AND id > :id",
+        {"id": last_read, "room_id": room_id},
+    ).fetchone()[0]
 
 
 # --- Signaling ---------------------------------------------------------------
@@ -1427,6 +1656,180 @@ def user_json(db, row) -> dict:
     }
 
 
+# --- Today's shapes (API v4 and modern chat) ---------------------------------
+
+
+def guest_actor_id(guest_id) -> str:
+    """A guest's public actor id: a hash of its (secret) cookie hash."""
+    return hashlib.sha1(guest_id.encode()).hexdigest()
+
+
+def lobby_active(room, now) -> bool:
+    """The lobby holds non-moderators back until its timer (if any) passes."""
+    timer = room["lobby_timer"]
+    return room["lobby_state"] == LOBBY_NON_MODERATORS and not (0 < timer <= now)
+
+
+def effective_permissions(room, row) -> int:
+    """What an attendee may do (docs/constants.md): moderators everything, else
+    their custom set, else the room's default set, else the default."""
+    if row is None:
+        return 0
+    if row["participant_type"] in MODERATOR_TYPES:
+        return PERMISSIONS_ALL
+    if row["permissions"] & PERM_CUSTOM:
+        return row["permissions"]
+    if room["default_permissions"] & PERM_CUSTOM:
+        return room["default_permissions"]
+    return PERMISSIONS_DEFAULT_SET
+
+
+def effective_notification_level(room, row) -> int:
+    """The stored level, or Talk's default: always for one-to-one, mentions elsewhere."""
+    if row["notification_level"] != NOTIFY_DEFAULT:
+        return row["notification_level"]
+    return NOTIFY_ALWAYS if room["type"] in (ROOM_ONE_TO_ONE, ROOM_NOTE_TO_SELF) else NOTIFY_MENTION
+
+
+def chat_message_json(row, token) -> dict:
+    """A chat message as today's clients read it (openapi ChatMessage)."""
+    return {
+        **message_json(row, token),
+        "messageParameters": [],
+        "messageType": "comment",
+        "systemMessage": "",
+        "isReplyable": True,
+        "referenceId": "",
+        "markdown": True,
+        "reactions": [],
+        "expirationTimestamp": 0,
+    }
+
+
+def attendee_actor(row) -> tuple[str, str]:
+    if row["user_id"] is not None:
+        return "users", row["user_id"]
+    return "guests", guest_actor_id(row["guest_id"])
+
+
+def conversation_json(room, rows, sessions, viewer, my_session, extras, now) -> dict:
+    """The Room of today's API (openapi Room) as `viewer` on `my_session` sees it.
+
+    `rows` are the room's attendees (participants_of), `sessions` its
+    sessions (sessions_of_room), `extras` the last message and unread count.
+    """
+    base = room_json(room, rows, viewer, now)  # the naming rules live there
+    mine = next(
+        (r for r in rows
+         if (viewer.user_id is not None and r["user_id"] == viewer.user_id)
+         or (viewer.guest_id is not None and r["guest_id"] == viewer.guest_id)),
+        None,
+    )
+    live = [s for s in sessions if s["last_ping"] > now - ACTIVE_SECONDS]
+    flags = 0
+    for session in live:
+        if session["in_call"] & FLAG_IN_CALL:
+            flags |= session["in_call"]
+    permissions = effective_permissions(room, mine)
+    moderator = mine is not None and mine["participant_type"] in MODERATOR_TYPES
+    users = [r for r in rows if r["user_id"] is not None]
+    other_moderators = [
+        r for r in users if r["participant_type"] in MODERATOR_TYPES and r is not mine
+    ]
+    if room["type"] == ROOM_NOTE_TO_SELF:
+        can_leave = False
+    elif room["type"] == ROOM_ONE_TO_ONE or not moderator:
+        can_leave = mine is not None
+    else:
+        can_leave = bool(other_moderators) or len(users) <= 1
+    last = extras.get("last_message")
+    actor_type, actor_id = attendee_actor(mine) if mine is not None else ("", "")
+    return {
+        "id": room["id"],
+        "token": room["token"],
+        "type": room["type"],
+        "name": base["name"],
+        "displayName": base["displayName"],
+        "description": room["description"],
+        "objectType": room["object_type"],
+        "objectId": room["object_id"],
+        "actorType": actor_type,
+        "actorId": actor_id,
+        "attendeeId": mine["id"] if mine is not None else 0,
+        "attendeePin": "",
+        "participantType": mine["participant_type"] if mine is not None else 0,
+        "sessionId": my_session["id"] if my_session is not None else "0",
+        "lastPing": mine["last_ping"] if mine is not None else 0,
+        "participantFlags": my_session["in_call"] if my_session is not None else 0,
+        "permissions": permissions,
+        "attendeePermissions": mine["permissions"] if mine is not None else 0,
+        "callPermissions": room["call_permissions"],
+        "defaultPermissions": room["default_permissions"],
+        "hasCall": bool(flags & FLAG_IN_CALL),
+        "callFlag": flags,
+        "callStartTime": room["call_start_time"] if flags & FLAG_IN_CALL else 0,
+        "callRecording": 0,
+        "recordingConsent": 0,
+        "canStartCall": bool(permissions & PERM_CALL_START),
+        "canEnableSIP": False,
+        "sipEnabled": 0,
+        "lastActivity": room["last_activity"],
+        "lastMessage": chat_message_json(last, room["token"]) if last is not None else [],
+        "unreadMessages": extras.get("unread", 0) if mine is not None else 0,
+        "unreadMention": False,
+        "unreadMentionDirect": False,
+        "lastReadMessage": mine["last_read_message"] if mine is not None else 0,
+        "lastCommonReadMessage": 0,
+        "messageExpiration": room["message_expiration"],
+        "hasPassword": bool(room["password_hash"]),
+        "isFavorite": bool(mine["favorite"]) if mine is not None else False,
+        "isArchived": False,
+        "isImportant": False,
+        "isSensitive": False,
+        "isCustomAvatar": bool(room["avatar_type"]),
+        "avatarVersion": str(room["avatar_version"] or room["id"]),
+        "canLeaveConversation": can_leave,
+        "canDeleteConversation": moderator and room["type"] != ROOM_ONE_TO_ONE,
+        "readOnly": room["read_only"],
+        "listable": room["listable"],
+        "lobbyState": LOBBY_NON_MODERATORS if lobby_active(room, now) else LOBBY_NONE,
+        "lobbyTimer": room["lobby_timer"] if lobby_active(room, now) else 0,
+        "mentionPermissions": 0,
+        "breakoutRoomMode": 0,
+        "breakoutRoomStatus": 0,
+        "notificationLevel": effective_notification_level(room, mine) if mine is not None else 0,
+        "notificationCalls": mine["notification_calls"] if mine is not None else 0,
+    }
+
+
+def attendee_json(room, row, sessions, now) -> dict:
+    """An attendee of GET /api/v4/room/{token}/participants (openapi Participant)."""
+    actor_type, actor_id = attendee_actor(row)
+    mine = [s for s in sessions if s["participant_id"] == row["id"]]
+    live = [s for s in mine if s["last_ping"] > now - ACTIVE_SECONDS]
+    in_call = 0
+    for session in live:
+        in_call |= session["in_call"]
+    if row["user_id"] is not None:
+        name = row["display_name"]
+    else:
+        name = row["guest_name"]
+    return {
+        "roomToken": room["token"],
+        "attendeeId": row["id"],
+        "actorType": actor_type,
+        "actorId": actor_id,
+        "displayName": name,
+        "participantType": row["participant_type"],
+        "lastPing": row["last_ping"],
+        "inCall": in_call,
+        "permissions": effective_permissions(room, row),
+        "attendeePermissions": row["permissions"],
+        "attendeePin": "",
+        "sessionIds": [s["id"] for s in mine],
+    }
+
+
 # ---------------------------------------------------------------------------
 # Auth and request helpers
 # ---------------------------------------------------------------------------
@@ -1635,6 +2038,33 @@ class Call:
             fail(400, f"Parameter {name} must be at least {minimum}")
         return value
 
+    def boolean(self, name, default=None) -> bool | None:
+        """A boolean parameter: JSON true/false, 1/0 or true/false in any case, else 400."""
+        value = self.params.get(name)
+        if value is None or value == "":
+            return default
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true"):
+            return True
+        if text in ("0", "false"):
+            return False
+        fail(400, f"Parameter {name} must be true or false")
+
+    def device(self, create=False) -> str | None:
+        """The keyed hash of this client's device cookie; a new cookie when `create`."""
+        cookie = bottle.request.get_cookie(DEVICE_COOKIE)
+        if not (cookie and re.fullmatch(r"[A-Za-z0-9_-]{20,100}", cookie)):
+            if not create:
+                return None
+            cookie = secrets.token_urlsafe(32)
+            bottle.response.set_cookie(
+                DEVICE_COOKIE, cookie, path="/", httponly=True, samesite="lax"
+            )
+            bottle.request.cookies[DEVICE_COOKIE] = cookie
+        return hashlib.sha256(cookie.encode("utf-8")).hexdigest()
+
     def guest_id(self) -> str:
         """The guest's cookie hash, setting a new cookie when it has none."""
         if self.actor.guest_id is None:
@@ -1758,6 +2188,12 @@ SEE, ROW, MEMBER, MODERATE, JOINED, CHAT, CALL_LIST = (
     "chat",
     "call-list",
 )
+
+
+def outside_lobby(room, me, now) -> None:
+    """412 while the lobby holds the caller back (non-moderators without lobby-ignore)."""
+    if lobby_active(room, now) and not effective_permissions(room, me) & PERM_LOBBY_IGNORE:
+        fail(412, "The conversation's lobby is active")
 
 
 def room_for(db, actor: Actor, token: str, need: str = SEE):
@@ -1962,11 +2398,18 @@ REFUSED = {
     "demote-self": (403, "You cannot demote yourself"),
     "demote-not-moderator": (412, "Only a moderator (type 2) can be demoted"),
     "wrong-password": (403, "Wrong room password"),
+    # Only today's routes refuse these:
+    "one-to-one": (400, "Not possible in a one-to-one conversation"),
+    "not-group-or-public": (400, "Only group and public conversations have this setting"),
+    "last-moderator": (400, "You are the last moderator; promote someone before leaving"),
+    "remove-yourself": (400, "Use participants/self to leave"),
+    "moderator-permissions": (400, "Moderators always have every permission"),
+    "session-in-call": (409, "This device is in a call already; join with force=true"),
+    "bad-value": (400, "Invalid value"),
 }
 REFUSED_V4 = {
     "rename-one-to-one": 400,
     "password-not-public": 400,
-    "owner-protected": 400,
     "not-a-guest": 400,
     "owner-above-moderator": 400,
     "promote-not-user": 400,
@@ -2029,6 +2472,12 @@ class Rooms:
                 add_participant(db, room["id"], OWNER, 0, user_id=me)
                 for user_id in members:
                     add_participant(db, room["id"], USER, 0, user_id=user_id)
+            elif room_type == ROOM_NOTE_TO_SELF:
+                room = note_to_self_room(db, me)
+                if room is not None:
+                    return room, False
+                room = create_room(db, ROOM_NOTE_TO_SELF, "Note to self", now)
+                add_participant(db, room["id"], OWNER, 0, user_id=me)
             else:
                 room = create_room(db, ROOM_PUBLIC, name, now)
                 add_participant(db, room["id"], OWNER, 0, user_id=me)
@@ -2074,10 +2523,15 @@ class Rooms:
             delete_room(db, room["id"])
         self.talk.room_changed(room["id"], chat=True)
 
-    def make_public(self, actor, token) -> None:
+    def make_public(self, actor, token, types=ROOM_TYPES) -> None:
+        """Let guests in (moderators): the room becomes public. Today's routes
+        refuse it for one-to-one rooms and notes to self."""
         with self.talk.db.write() as db:
             room, _ = room_for(db, actor, token, MODERATE)
+            if room["type"] not in types:
+                raise Refused("one-to-one" if room["type"] == ROOM_ONE_TO_ONE else "not-group-or-public")
             set_room_type(db, room["id"], ROOM_PUBLIC)
+            touch_room(db, room["id"], self.now())
 
     def make_private(self, actor, token) -> None:
         """A public room becomes a group room; its guests and self-joined users go."""
@@ -2088,13 +2542,18 @@ class Rooms:
                 remove_guests_and_self_joined(db, room["id"])
         self.talk.room_changed(room["id"])
 
-    def add_user(self, actor, token, user_id) -> int | None:
+    def add_user(self, actor, token, user_id, convert_one_to_one=True) -> int | None:
         """Add a user (moderators); returns the room's new type when it changed.
 
-        Adding a third person turns a one-to-one room into a group room.
+        On the 2018 routes adding a third person turns a one-to-one room into
+        a group room; today's refuse it.
         """
         with self.talk.db.write() as db:
             room, _ = room_for(db, actor, token, MODERATE)
+            if room["type"] == ROOM_ONE_TO_ONE and not convert_one_to_one:
+                raise Refused("one-to-one")
+            if room["type"] == ROOM_NOTE_TO_SELF:
+                raise Refused("not-group-or-public")
             if participant_of(db, room["id"], user_id=user_id) is not None:
                 return None
             if not user_id or get_user(db, user_id) is None:
@@ -2105,20 +2564,38 @@ class Rooms:
                 return ROOM_GROUP
         return None
 
-    def remove(self, actor, token, find) -> None:
-        """Remove the participant `find(db, room)` returns (moderators); never the owner.
-
-        In a one-to-one room this deletes the room, as Talk 3.1 did.
-        """
+    def add_group(self, actor, token, group_id) -> None:
+        """Add every member of a group who is not in the room yet (moderators)."""
         with self.talk.db.write() as db:
             room, _ = room_for(db, actor, token, MODERATE)
+            if room["type"] not in (ROOM_GROUP, ROOM_PUBLIC):
+                raise Refused("one-to-one" if room["type"] == ROOM_ONE_TO_ONE else "not-group-or-public")
+            if not group_id or not group_exists(db, group_id):
+                raise Refused("no-group")
+            for user_id in group_members(db, group_id):
+                if participant_of(db, room["id"], user_id=user_id) is None:
+                    add_participant(db, room["id"], USER, 0, user_id=user_id)
+        self.talk.room_changed(room["id"])
+
+    def remove(self, actor, token, find, one_to_one_deletes=True) -> None:
+        """Remove the participant `find(db, room)` returns (moderators); never the owner.
+
+        In a one-to-one room the 2018 routes delete the room, as Talk 3.1
+        did; today's refuse.
+        """
+        with self.talk.db.write() as db:
+            room, me = room_for(db, actor, token, MODERATE)
             gone = room["type"] == ROOM_ONE_TO_ONE
+            if gone and not one_to_one_deletes:
+                raise Refused("one-to-one")
             if gone:
                 delete_room(db, room["id"])
             else:
                 row = find(db, room)
                 if row is None:
                     raise Refused("no-participant")
+                if not one_to_one_deletes and row["id"] == me["id"]:
+                    raise Refused("remove-yourself")
                 if row["participant_type"] == OWNER:
                     raise Refused("owner-protected")
                 remove_participant(db, row["id"])
@@ -2136,10 +2613,22 @@ class Rooms:
             remove_participant(db, row["id"])
         self.talk.room_changed(room["id"])
 
-    def remove_self(self, actor, token) -> None:
-        """Leave a room for good; the last one out (or either of a one-to-one) deletes it."""
+    def remove_self(self, actor, token, keep_a_moderator=False) -> None:
+        """Leave a room for good; the last one out (or either of a one-to-one) deletes it.
+
+        Today's routes refuse the last moderator while other users remain.
+        """
         with self.talk.db.write() as db:
             room, me = room_for(db, actor, token, ROW)
+            if (
+                keep_a_moderator
+                and room["type"] != ROOM_ONE_TO_ONE
+                and me["participant_type"] in MODERATOR_TYPES
+            ):
+                users = [r for r in participants_of(db, room["id"]) if r["user_id"] is not None]
+                moderators = [r for r in users if r["participant_type"] in MODERATOR_TYPES]
+                if len(moderators) == 1 and len(users) > 1:
+                    raise Refused("last-moderator")
             gone = room["type"] == ROOM_ONE_TO_ONE or count_participants(db, room["id"]) <= 1
             if gone:
                 delete_room(db, room["id"])
@@ -2147,12 +2636,17 @@ class Rooms:
                 remove_participant(db, me["id"])
         self.talk.room_changed(room["id"], chat=gone)
 
-    def join(self, actor, token, password, guest_id, address) -> tuple[sqlite3.Row, str]:
+    def join(
+        self, actor, token, password, guest_id, address, device=None, force=True
+    ) -> tuple[sqlite3.Row, str]:
         """Join a room: a new session for the caller; (room, session id).
 
         Guests and self-joining users give the room password (checked before
         the write transaction, as scrypt is slow, and throttled per address).
-        `guest_id` is called for a guest's id once the password passed.
+        `guest_id` is called for a guest's id once the password passed. A
+        2018 join (no `device`) replaces the caller's sessions; today's adds
+        one per device, replacing only the one this device held, unless that
+        one is in a call and `force` is false (409).
         """
         with self.talk.db.read() as db:
             room, me = room_for(db, actor, token, SEE)
@@ -2176,15 +2670,36 @@ class Rooms:
                 )
             else:
                 pid = me["id"]
-            session_id = start_session(db, pid, now)
+            if device is None:
+                session_id = start_session(db, pid, now)
+            else:
+                held = next((s for s in sessions_of(db, pid) if s["device"] == device), None)
+                if held is not None:
+                    if not force and held["in_call"] & FLAG_IN_CALL:
+                        raise Refused(
+                            "session-in-call",
+                            {"sessionId": held["id"], "inCall": held["in_call"],
+                             "lastPing": held["last_ping"]},
+                        )
+                    end_session_id(db, held["id"])
+                session_id = add_session(db, pid, now, device)
         self.talk.room_changed(room["id"])
         return room, session_id
 
-    def leave(self, actor, token) -> None:
-        """Leave a room's chat and call: the session ends; guests and self-joined go."""
+    def leave(self, actor, token, session_id=None) -> None:
+        """Leave a room's chat and call: the session ends; guests and self-joined
+        go with their last session. The 2018 routes end all of the caller's
+        sessions; today's the one named."""
         with self.talk.db.write() as db:
             room, me = room_for(db, actor, token, SEE)
-            if me is not None and me["session_id"] != "0":
+            if session_id is not None:
+                if me is not None and any(s["id"] == session_id for s in sessions_of(db, me["id"])):
+                    end_session_id(db, session_id)
+                    if me["participant_type"] in (GUEST, USER_SELF_JOINED) and not count_sessions(
+                        db, me["id"]
+                    ):
+                        remove_participant(db, me["id"])
+            elif me is not None and me["session_id"] != "0":
                 if me["participant_type"] in (GUEST, USER_SELF_JOINED):
                     remove_participant(db, me["id"])
                 else:
@@ -2202,7 +2717,7 @@ class Rooms:
                 raise Refused("owner-above-moderator")
             if row["participant_type"] != USER:
                 raise Refused("promote-not-user")
-            set_participant_type(db, row["id"], MODERATOR)
+            set_participant_type(db, row["id"], MODERATOR, self.now())
 
     def demote(self, actor, token, find) -> None:
         """Make the moderator `find(db, room)` returns a plain user (moderators)."""
@@ -2215,12 +2730,62 @@ class Rooms:
                 raise Refused("no-participant")
             if row["participant_type"] != MODERATOR:
                 raise Refused("demote-not-moderator")
-            set_participant_type(db, row["id"], USER)
+            set_participant_type(db, row["id"], USER, self.now())
+
+    def set_setting(self, actor, token, column, value, types=(ROOM_GROUP, ROOM_PUBLIC)) -> None:
+        """Change a room setting (moderators), in rooms of the given types only."""
+        with self.talk.db.write() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            if room["type"] not in types:
+                raise Refused("one-to-one" if room["type"] == ROOM_ONE_TO_ONE else "not-group-or-public")
+            set_room_setting(db, room["id"], column, value, self.now())
+        self.talk.room_changed(room["id"])
+
+    def set_lobby(self, actor, token, state, timer) -> None:
+        """Turn the lobby on (with an optional opening time) or off (moderators)."""
+        with self.talk.db.write() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            if room["type"] not in (ROOM_GROUP, ROOM_PUBLIC):
+                raise Refused("one-to-one" if room["type"] == ROOM_ONE_TO_ONE else "not-group-or-public")
+            set_room_setting(db, room["id"], "lobby_state", state, self.now())
+            set_room_setting(db, room["id"], "lobby_timer", timer if state else 0, self.now())
+        self.talk.room_changed(room["id"])
+
+    def set_attendee_permissions(self, actor, token, attendee_id, method, permissions) -> None:
+        """Set, add or remove an attendee's permissions (moderators; never a moderator's)."""
+        with self.talk.db.write() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            if room["type"] == ROOM_ONE_TO_ONE:
+                raise Refused("one-to-one")
+            row = participant_by_attendee(db, room["id"], attendee_id)
+            if row is None:
+                raise Refused("no-participant")
+            if row["participant_type"] in MODERATOR_TYPES:
+                raise Refused("moderator-permissions")
+            current = effective_permissions(room, row)
+            if method == "add":
+                permissions = current | permissions
+            elif method == "remove":
+                permissions = current & ~permissions
+            permissions = (permissions | PERM_CUSTOM) & (PERMISSIONS_ALL | PERM_CUSTOM)
+            set_attendee_setting(db, row["id"], "permissions", permissions, self.now())
+        self.talk.room_changed(room["id"])
+
+    def set_own(self, actor, token, column, value) -> None:
+        """Change one of the caller's own settings in a room (favorite, notifications)."""
+        with self.talk.db.write() as db:
+            room, me = room_for(db, actor, token, ROW)
+            set_attendee_setting(db, me["id"], column, value, self.now())
 
 
 def by_user(user_id):
     """A finder for Rooms.remove/promote/demote: the row of a user id."""
     return lambda db, room: participant_of(db, room["id"], user_id=user_id) if user_id else None
+
+
+def by_attendee(attendee_id):
+    """A finder for Rooms.remove/promote/demote: the row of an attendee id."""
+    return lambda db, room: participant_by_attendee(db, room["id"], attendee_id)
 
 
 # ---------------------------------------------------------------------------
@@ -2439,7 +3004,8 @@ def chat_receive(rq, token):
     talk = rq.talk
     deadline = time.monotonic() + timeout * talk.notifier.time_scale
     with talk.db.read() as db:
-        room, _ = room_for(db, rq.actor, token, CHAT)
+        room, me = room_for(db, rq.actor, token, CHAT)
+        outside_lobby(room, me, rq.now)
     with talk.notifier.listen(chat_key(room["id"])) as waiter:
         last_look = waited = False
         while True:
@@ -2478,6 +3044,9 @@ def chat_send(rq, token):
     now = rq.now
     with rq.talk.db.write() as db:
         room, me = room_for(db, rq.actor, token, CHAT)
+        outside_lobby(room, me, now)
+        if room["read_only"]:
+            fail(403, "The conversation is read-only")
         if not message:
             fail(400, "The message is empty")
         if len(message) > MESSAGE_MAX:
@@ -2618,12 +3187,328 @@ def signaling_receive(rq, token=None):
 
 
 # ---------------------------------------------------------------------------
+# Routes, API v4 (today): Conversations
+# ---------------------------------------------------------------------------
+
+
+def with_talk_hash(rq) -> None:
+    """X-Nextcloud-Talk-Hash: changes when capabilities or signaling settings do
+    (iOS and nc-py-api refetch them then; nc-py-api requires the header)."""
+    bottle.response.set_header("X-Nextcloud-Talk-Hash", rq.talk.config_hash)
+
+
+def conversation_parts(rq, db, room, session_id=None) -> tuple[dict, sqlite3.Row | None]:
+    """The Room for the caller, and the caller's attendee row (None: not in it).
+
+    The caller's session is `session_id`, else the one its device cookie
+    names, else its newest live one (SPEC 11).
+    """
+    now = rq.now
+    rows = participants_of(db, room["id"])
+    actor = rq.actor
+    mine = next(
+        (r for r in rows
+         if (actor.user_id is not None and r["user_id"] == actor.user_id)
+         or (actor.guest_id is not None and r["guest_id"] == actor.guest_id)),
+        None,
+    )
+    my_session, unread = None, 0
+    last = last_message_of(db, room["id"])
+    if mine is not None:
+        own = sessions_of(db, mine["id"])
+        if session_id is not None:
+            my_session = next((s for s in own if s["id"] == session_id), None)
+        else:
+            my_session = device_session(own, rq.device(), now - ACTIVE_SECONDS)
+        unread = unread_count(db, room["id"], mine["last_read_message"], last["seq"] if last else 0)
+    extras = {"last_message": last, "unread": unread}
+    sessions = sessions_of_room(db, room["id"])
+    return conversation_json(room, rows, sessions, actor, my_session, extras, now), mine
+
+
+def conversation_answer(rq, db, room, session_id=None) -> dict:
+    return conversation_parts(rq, db, room, session_id)[0]
+
+
+def changed_since(room, answer, mine, since) -> bool:
+    """GET /room?modifiedSince: new activity, a changed setting or own row, or a call."""
+    return (
+        answer["lastActivity"] >= since
+        or room["modified"] >= since
+        or (mine is not None and mine["modified"] >= since)
+        or answer["hasCall"]
+    )
+
+
+def conversation_list(rq):
+    """GET /room: Get user's conversations."""
+    since = rq.integer("modifiedSince", 0, minimum=0)
+    # Taken before the query: a change while it runs shows in the next list.
+    bottle.response.set_header("X-Nextcloud-Talk-Modified-Before", str(rq.now))
+    with_talk_hash(rq)
+    answers = []
+    with rq.talk.db.read() as db:
+        for room in rooms_with(db, rq.actor.user_id):
+            answer, mine = conversation_parts(rq, db, room)
+            if not since or changed_since(room, answer, mine, since):
+                answers.append(answer)
+    return answers
+
+
+def conversation_name(rq, required) -> str:
+    name = room_name(rq.params.get("roomName"), ROOM_NAME_MAX_V4) or ""
+    if required and not name:
+        fail(400, f"roomName must be 1 to {ROOM_NAME_MAX_V4} characters")
+    return name
+
+
+def conversation_create(rq):
+    """POST /room: Creating a new conversation."""
+    room_type = rq.integer("roomType")
+    if room_type not in ROOM_TYPES_V4:
+        fail(400, "roomType must be 1, 2, 3 or 6")
+    invite = rq.text("invite", "")
+    source = rq.text("source", "") or ("users" if room_type == ROOM_ONE_TO_ONE else "groups")
+    if invite and source not in ("users", "groups"):
+        fail(400, "source must be users or groups")
+    name = conversation_name(rq, required=room_type == ROOM_PUBLIC or (
+        room_type == ROOM_GROUP and not invite))
+    password = rq.text("password", "")
+    if password and room_type != ROOM_PUBLIC:
+        fail(400, "Only public conversations can have a password")
+    room, created = rq.talk.rooms.create(rq.actor, room_type, name, invite)
+    if created and password:
+        room = rq.talk.rooms.set_password(rq.actor, room["token"], password)
+    with_talk_hash(rq)
+    with rq.talk.db.read() as db:
+        answer = conversation_answer(rq, db, room_by_id(db, room["id"]))
+    return Reply(201 if created else 200, answer)
+
+
+def conversation_get(rq, token):
+    """GET /room/{token}: Get a single conversation (also for guests)."""
+    rq.talk.expire_guests(token)
+    with_talk_hash(rq)
+    with rq.talk.db.read() as db:
+        room, _ = room_for(db, rq.actor, token, SEE)
+        return conversation_answer(rq, db, room)
+
+
+def conversation_rename(rq, token):
+    """PUT /room/{token}: Rename a conversation."""
+    rq.talk.rooms.rename(rq.actor, token, rq.params.get("roomName"), ROOM_NAME_MAX_V4)
+    return []
+
+
+def conversation_description(rq, token):
+    """PUT /room/{token}/description: Set the description."""
+    description = (rq.text("description", "") or "").strip()
+    if len(description) > DESCRIPTION_MAX:
+        fail(400, f"The description is longer than {DESCRIPTION_MAX} characters")
+    types = (ROOM_GROUP, ROOM_PUBLIC, ROOM_NOTE_TO_SELF)
+    rq.talk.rooms.set_setting(rq.actor, token, "description", description, types)
+    return []
+
+
+def conversation_make_public(rq, token):
+    """POST /room/{token}/public: Allow guests."""
+    rq.talk.rooms.make_public(rq.actor, token, types=(ROOM_GROUP, ROOM_PUBLIC))
+    return []
+
+
+def choice(rq, name, allowed, default=None) -> int:
+    value = rq.integer(name, default, required=default is None)
+    if value not in allowed:
+        fail(400, f"{name} must be one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def conversation_read_only(rq, token):
+    """PUT /room/{token}/read-only: Set read-only (state 0 or 1)."""
+    rq.talk.rooms.set_setting(rq.actor, token, "read_only", choice(rq, "state", (0, 1)))
+    return []
+
+
+def conversation_listable(rq, token):
+    """PUT /room/{token}/listable: Who may find it (scope 0 none, 1 users, 2 everyone)."""
+    scope = choice(rq, "scope", (LISTABLE_NONE, LISTABLE_USERS, LISTABLE_ALL))
+    rq.talk.rooms.set_setting(rq.actor, token, "listable", scope)
+    return []
+
+
+def conversation_favorite(rq, token):
+    """POST /room/{token}/favorite: Add to favorites."""
+    rq.talk.rooms.set_own(rq.actor, token, "favorite", 1)
+    return []
+
+
+def conversation_unfavorite(rq, token):
+    """DELETE /room/{token}/favorite: Remove from favorites."""
+    rq.talk.rooms.set_own(rq.actor, token, "favorite", 0)
+    return []
+
+
+def conversation_notify(rq, token):
+    """POST /room/{token}/notify: Set the chat notification level (0-3)."""
+    level = choice(rq, "level", (NOTIFY_DEFAULT, NOTIFY_ALWAYS, NOTIFY_MENTION, NOTIFY_NEVER))
+    rq.talk.rooms.set_own(rq.actor, token, "notification_level", level)
+    return []
+
+
+def conversation_notify_calls(rq, token):
+    """POST /room/{token}/notify-calls: Set the call notification level (0 or 1)."""
+    rq.talk.rooms.set_own(rq.actor, token, "notification_calls", choice(rq, "level", (0, 1)))
+    return []
+
+
+def conversation_lobby(rq, token):
+    """PUT /room/{token}/webinar/lobby: Set the lobby state (0, 1) and timer."""
+    state = choice(rq, "state", (LOBBY_NONE, LOBBY_NON_MODERATORS))
+    timer = rq.integer("timer", 0, minimum=0)
+    rq.talk.rooms.set_lobby(rq.actor, token, state, timer)
+    with rq.talk.db.read() as db:
+        room, _ = room_for(db, rq.actor, token, SEE)
+        return conversation_answer(rq, db, room)
+
+
+def permission_bits(rq, name="permissions") -> int:
+    value = rq.integer(name, required=True, minimum=0)
+    if value > PERMISSIONS_ALL | PERM_CUSTOM:
+        fail(400, f"{name} must be a combination of the permission bits (at most 255)")
+    return value
+
+
+def conversation_permissions(rq, token, mode):
+    """PUT /room/{token}/permissions/{mode}: Set default or call permissions."""
+    if mode not in ("default", "call"):
+        fail(400, "mode must be default or call")
+    permissions = permission_bits(rq)
+    if permissions:
+        permissions |= PERM_CUSTOM  # a set that is not "the default" is custom
+    column = "default_permissions" if mode == "default" else "call_permissions"
+    rq.talk.rooms.set_setting(rq.actor, token, column, permissions)
+    with rq.talk.db.read() as db:
+        room, _ = room_for(db, rq.actor, token, SEE)
+        return conversation_answer(rq, db, room)
+
+
+def conversation_message_expiration(rq, token):
+    """POST /room/{token}/message-expiration: Messages expire after `seconds` (0: never)."""
+    seconds = rq.integer("seconds", required=True, minimum=0)
+    types = (ROOM_ONE_TO_ONE, ROOM_GROUP, ROOM_PUBLIC, ROOM_NOTE_TO_SELF)
+    rq.talk.rooms.set_setting(rq.actor, token, "message_expiration", seconds, types)
+    return []
+
+
+def conversation_listed(rq):
+    """GET /listed-room: Find listed conversations the caller is not in."""
+    search = rq.text("searchTerm", "") or ""
+    with rq.talk.db.read() as db:
+        rooms = listed_rooms(db, rq.actor.user_id, search, (LISTABLE_USERS, LISTABLE_ALL))
+        return [conversation_answer(rq, db, room) for room in rooms]
+
+
+# ---------------------------------------------------------------------------
+# Routes, API v4 (today): Participants
+# ---------------------------------------------------------------------------
+
+
+def attendee_list(rq, token):
+    """GET /room/{token}/participants: Get the attendees and their sessions."""
+    rq.talk.expire_guests(token)
+    with rq.talk.db.read() as db:
+        room, me = room_for(db, rq.actor, token, ROW)
+        if rq.actor.is_guest:
+            fail(403, "Guests cannot list the participants")
+        if lobby_active(room, rq.now) and not (
+            effective_permissions(room, me) & PERM_LOBBY_IGNORE
+        ):
+            fail(412, "The lobby is active")
+        rows = participants_of(db, room["id"])
+        sessions = sessions_of_room(db, room["id"])
+    return [attendee_json(room, row, sessions, rq.now) for row in rows]
+
+
+def attendee_add(rq, token):
+    """POST /room/{token}/participants: Add a user or the members of a group."""
+    new = rq.text("newParticipant", "")
+    source = rq.text("source", "users")
+    if source == "users":
+        rq.talk.rooms.add_user(rq.actor, token, new, convert_one_to_one=False)
+    elif source == "groups":
+        rq.talk.rooms.add_group(rq.actor, token, new)
+    else:
+        fail(400, "source must be users or groups")
+    return []
+
+
+def attendee_remove(rq, token):
+    """DELETE /room/{token}/attendees: Remove an attendee by attendeeId."""
+    attendee_id = rq.integer("attendeeId", required=True)
+    rq.talk.rooms.remove(rq.actor, token, by_attendee(attendee_id), one_to_one_deletes=False)
+    return []
+
+
+def attendee_remove_self(rq, token):
+    """DELETE /room/{token}/participants/self: Leave a conversation for good."""
+    rq.talk.rooms.remove_self(rq.actor, token, keep_a_moderator=True)
+    return []
+
+
+def attendee_join(rq, token):
+    """POST /room/{token}/participants/active: Join (a new session for this device)."""
+    address = client_address(bottle.request.environ)
+    force = rq.boolean("force", True)
+    room, session_id = rq.talk.rooms.join(
+        rq.actor, token, rq.text("password", ""), rq.guest_id, address,
+        device=rq.device(create=True), force=force,
+    )
+    with rq.talk.db.read() as db:
+        return conversation_answer(rq, db, room_by_id(db, room["id"]), session_id)
+
+
+def attendee_leave(rq, token):
+    """DELETE /room/{token}/participants/active: Leave (this device's session ends)."""
+    with rq.talk.db.read() as db:
+        room, me = room_for(db, rq.actor, token, SEE)
+        own = sessions_of(db, me["id"]) if me is not None else []
+    session = device_session(own, rq.device(), rq.now - ACTIVE_SECONDS)
+    if session is not None:
+        rq.talk.rooms.leave(rq.actor, token, session["id"])
+    return []
+
+
+def attendee_promote(rq, token):
+    """POST /room/{token}/moderators: Promote an attendee to moderator."""
+    rq.talk.rooms.promote(rq.actor, token, by_attendee(rq.integer("attendeeId", required=True)))
+    return []
+
+
+def attendee_demote(rq, token):
+    """DELETE /room/{token}/moderators: Demote a moderator."""
+    rq.talk.rooms.demote(rq.actor, token, by_attendee(rq.integer("attendeeId", required=True)))
+    return []
+
+
+def attendee_permissions(rq, token):
+    """PUT /room/{token}/attendees/permissions: Set, add or remove an attendee's permissions."""
+    attendee_id = rq.integer("attendeeId", required=True)
+    method = rq.text("method", "set")
+    if method not in ("set", "add", "remove"):
+        fail(400, "method must be set, add or remove")
+    rq.talk.rooms.set_attendee_permissions(
+        rq.actor, token, attendee_id, method, permission_bits(rq)
+    )
+    return []
+
+
+# ---------------------------------------------------------------------------
 # Routes: Capabilities, status and accounts (SPEC 1.1, 8, 9)
 # ---------------------------------------------------------------------------
 
 
-def capabilities(rq):
-    """GET /cloud/capabilities: what this server can do."""
+def capabilities_document(talk) -> dict:
+    """The capabilities of both API generations; also the source of the Talk hash."""
     major, minor, micro, _ = NEXTCLOUD_VERSION
     return {
         "version": {
@@ -2632,14 +3517,65 @@ def capabilities(rq):
             "micro": micro,
             "string": f"{major}.{minor}.{micro}",
             "edition": "",
+            "extendedSupport": False,
             "productname": "talk-server",
             "talk-server": __version__,
         },
         "capabilities": {
-            "core": {"pollinterval": 60},
-            "spreed": {"features": list(FEATURES)},
+            "core": {"pollinterval": 60, "webdav-root": "remote.php/webdav"},
+            "spreed": {
+                "features": list(FEATURES),
+                "features-local": [],
+                "config-local": {},
+                "version": SPREED_VERSION,
+                "config": {
+                    "attachments": {"allowed": False},
+                    "call": {
+                        "enabled": True,
+                        "breakout-rooms": False,
+                        "recording": False,
+                        "recording-consent": 0,
+                        "supported-reactions": [],
+                        "predefined-backgrounds": [],
+                        "can-upload-background": False,
+                        "sip-enabled": False,
+                        "sip-dialout-enabled": False,
+                        "can-enable-sip": False,
+                        "start-without-media": False,
+                        "max-duration": 0,
+                        "blur-virtual-background": False,
+                    },
+                    "chat": {
+                        "max-length": MESSAGE_MAX,
+                        "read-privacy": 0,
+                        "has-translation-providers": False,
+                        "typing-privacy": 1,
+                        "summary-threshold": 100,
+                    },
+                    "conversations": {"can-create": True},
+                    "previews": {"max-gif-size": 3145728},
+                    "federation": {
+                        "enabled": False,
+                        "incoming-enabled": False,
+                        "outgoing-enabled": False,
+                        "only-trusted-servers": True,
+                    },
+                    "signaling": {"session-ping-limit": 200},
+                },
+            },
         },
     }
+
+
+def config_hash(talk) -> str:
+    """X-Nextcloud-Talk-Hash: a digest of the capabilities and signaling settings."""
+    settings = [capabilities_document(talk), talk.stun_servers, talk.turn_server]
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def capabilities(rq):
+    """GET /cloud/capabilities: what this server can do."""
+    return capabilities_document(rq.talk)
 
 
 def status_php():
@@ -2892,7 +3828,38 @@ ROUTES = [
 
 # API v4 (today), under /ocs/v{1,2}.php/apps/spreed/api/v4: conversations,
 # participants and calls.
-ROUTES_V4: list[tuple] = []
+ROUTES_V4 = [
+    # Conversations
+    ("GET", "/room", conversation_list, USERS),
+    ("POST", "/room", conversation_create, USERS),
+    ("GET", "/listed-room", conversation_listed, USERS),
+    ("GET", "/room/<token>", conversation_get, PUBLIC),
+    ("PUT", "/room/<token>", conversation_rename, USERS),
+    ("DELETE", "/room/<token>", room_delete, USERS),  # the same rule and answer
+    ("PUT", "/room/<token>/description", conversation_description, USERS),
+    ("PUT", "/room/<token>/password", room_set_password, USERS),
+    ("POST", "/room/<token>/public", conversation_make_public, USERS),
+    ("DELETE", "/room/<token>/public", room_make_private, USERS),
+    ("PUT", "/room/<token>/read-only", conversation_read_only, USERS),
+    ("PUT", "/room/<token>/listable", conversation_listable, USERS),
+    ("POST", "/room/<token>/favorite", conversation_favorite, USERS),
+    ("DELETE", "/room/<token>/favorite", conversation_unfavorite, USERS),
+    ("POST", "/room/<token>/notify", conversation_notify, USERS),
+    ("POST", "/room/<token>/notify-calls", conversation_notify_calls, USERS),
+    ("PUT", "/room/<token>/webinar/lobby", conversation_lobby, USERS),
+    ("PUT", "/room/<token>/permissions/<mode>", conversation_permissions, USERS),
+    ("POST", "/room/<token>/message-expiration", conversation_message_expiration, USERS),
+    # Participants
+    ("GET", "/room/<token>/participants", attendee_list, PUBLIC),
+    ("POST", "/room/<token>/participants", attendee_add, USERS),
+    ("DELETE", "/room/<token>/attendees", attendee_remove, USERS),
+    ("PUT", "/room/<token>/attendees/permissions", attendee_permissions, USERS),
+    ("DELETE", "/room/<token>/participants/self", attendee_remove_self, USERS),
+    ("POST", "/room/<token>/participants/active", attendee_join, PUBLIC),
+    ("DELETE", "/room/<token>/participants/active", attendee_leave, PUBLIC),
+    ("POST", "/room/<token>/moderators", attendee_promote, USERS),
+    ("DELETE", "/room/<token>/moderators", attendee_demote, USERS),
+]
 
 # Capabilities and provisioning, under /ocs/v{1,2}.php/cloud (SPEC 8, 9).
 CLOUD_ROUTES = [
@@ -2988,6 +3955,7 @@ class Talk:
         # Room passwords apart: a user's successful login must not reset them.
         self.room_throttle = Throttle(throttle_free_failures)
         self.rooms = Rooms(self)
+        self.config_hash = config_hash(self)
 
     def room_changed(self, room_id, chat=False):
         """Wake the room's signaling polls (and chat polls when the room went).

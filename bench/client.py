@@ -101,7 +101,9 @@ def throughput(spec) -> dict:
         statuses = {}
         while True:
             try:
-                status, _ = client.raw(spec["method"], spec["path"], spec.get("params"))
+                status, _ = client.raw(
+                    spec["method"], spec["path"], spec.get("params"), spec.get("prefix", API)
+                )
                 answers += 1
             except NETWORK_ERRORS:
                 status = "network"

@@ -45,6 +45,16 @@ RESERVE = 4  # talk-server's default --reserve
 # (key, figure, target): the rows of the table, in order.
 FIGURES = [
     ("get_room", "Authenticated GET /room requests/s, ratio to baseline", ">= 0.5"),
+    (
+        "get_room_20",
+        "GET /room (API v1) for a user in 20 rooms, ratio to baseline",
+        "reference for v4",
+    ),
+    (
+        "get_room_v4",
+        "GET /api/v4/room for a user in 20 rooms, ratio to baseline",
+        ">= 0.85 x the v1 ratio",
+    ),
     ("post_chat", "POST /chat requests/s, ratio to baseline", ">= 0.35"),
     (
         "wake",
@@ -318,7 +328,7 @@ class Bench:
 
     # --- Figures ------------------------------------------------------------
 
-    def throughput(self, server: Process, method, path, params=None, user="bench"):
+    def throughput(self, server: Process, method, path, params=None, user="bench", prefix=None):
         """Requests/s over the window, server CPU ms per answer, failed answers."""
         s = self.s
         spec = {
@@ -328,6 +338,7 @@ class Bench:
             "path": path,
             "params": params,
             "user": user,
+            **({"prefix": prefix} if prefix else {}),
             "password": PASSWORD,
             "connections": s.connections,
             "duration": s.load_seconds,
@@ -436,12 +447,46 @@ def phase(name, errors, rows, *keys):
         print(f"bench: {name} phase took {time.monotonic() - began:.1f} s", file=sys.stderr)
 
 
+V4_PREFIX = "/ocs/v2.php/apps/spreed/api/v4"
+
+
+def room_lists(bench: Bench, s: Settings, talk, base, rows: dict, load: str):
+    """The room list of both API generations for a user in 20 rooms, each
+    against the baseline in the same pair of windows."""
+    lists = {"get_room_20": None, "get_room_v4": V4_PREFIX}
+    ratios = {key: ([], [], []) for key in lists}
+    failed = 0
+    for _ in range(s.pairs):
+        for key, prefix in lists.items():
+            server_rate, _, server_errors = bench.throughput(
+                talk, "GET", "/room", user="lists", prefix=prefix
+            )
+            base_rate, _, base_errors = bench.throughput(base, "GET", "/room", user="lists")
+            failed += server_errors + base_errors
+            for values, value in zip(
+                ratios[key], (server_rate, base_rate, server_rate / base_rate), strict=True
+            ):
+                values.append(value)
+    v1_ratio = statistics.median(ratios["get_room_20"][2])
+    for key in lists:
+        server_rates, base_rates, key_ratios = ratios[key]
+        ratio = statistics.median(key_ratios)
+        rows[key] = {
+            "conditions": f"{load}, {s.load_seconds:g} s x {s.pairs} pairs, 64 threads",
+            "measured": f"{ratio:.2f} ({statistics.median(server_rates):.0f} vs "
+            f"{statistics.median(base_rates):.0f} req/s)"
+            + (f", {ratio / v1_ratio:.2f} x the v1 ratio" if key == "get_room_v4" else "")
+            + (f", {failed} failed answers" if failed else ""),
+            "ok": None if key == "get_room_20" else ratio >= 0.85 * v1_ratio,
+        }
+
+
 def phases(bench: Bench, s: Settings, rows: dict, errors: list):
-    for user in ("bench", "poll", "hist"):
+    for user in ("bench", "poll", "hist", "lists"):
         bench.cli("user", "add", user, "--password", PASSWORD)
 
     # Phase 1: the default server (64 threads) and the baseline, side by side.
-    keys = ("rss", "idle_cpu", "get_room", "post_chat", "send")
+    keys = ("rss", "idle_cpu", "get_room", "get_room_20", "get_room_v4", "post_chat", "send")
     idle_kb = None
     with phase("default server", errors, rows, *keys):
         talk = bench.start_talk()
@@ -452,7 +497,8 @@ def phases(bench: Bench, s: Settings, rows: dict, errors: list):
         wake_rooms = bench.create_rooms(talk.port, "poll", s.wake_rooms, "Wake")
         send_rooms = bench.create_rooms(talk.port, "poll", 10, "Send")
         hist_rooms = bench.create_rooms(talk.port, "hist", 2, "History")
-        for user in ("bench", "poll", "hist"):  # the first login hashes; later ones hit the cache
+        bench.create_rooms(talk.port, "lists", 20, "Listed", members=("bench",))
+        for user in ("bench", "poll", "hist", "lists"):  # the first login hashes; later ones hit the cache
             login(talk.port, user)
         time.sleep(1.0)
         idle_kb = talk.rss_kb()
@@ -498,6 +544,7 @@ def phases(bench: Bench, s: Settings, rows: dict, errors: list):
                 + (f", {failed} failed answers" if failed else ""),
                 "ok": ratio >= target,
             }
+        room_lists(bench, s, talk, base, rows, load)
         bench.stop(base)
 
         receivers = DEFAULT_THREADS + 20
