@@ -1998,7 +1998,7 @@ def new_secret(length: int) -> str:
 def keyed_hash(key: bytes, purpose: str, text: str) -> str:
     """HMAC-SHA256 of a random token under the server's key, one purpose apart
     from another: the database keeps no token that would work if it leaked."""
-    return hmac.new(key, f"{purpose}\0{text}".encode("utf-8"), "sha256").hexdigest()
+    return hmac.new(key, f"{purpose}\0{text}".encode(), "sha256").hexdigest()
 
 
 def load_signin_key(database) -> bytes:
@@ -4002,6 +4002,9 @@ def parse_args(argv):
     rename = with_db(user.add_parser("rename", help="set a user's display name"))
     rename.add_argument("name")
     rename.add_argument("display_name")
+    for action in ("disable", "enable"):
+        help_text = f"{action} a user's every sign-in (passwords, app passwords, web sessions)"
+        with_db(user.add_parser(action, help=help_text)).add_argument("name")
 
     backup = with_db(commands.add_parser("backup", help="copy the database safely, even while serving"))
     backup.add_argument("destination", help="a new file to write the copy to")
@@ -4087,6 +4090,9 @@ def run_user_command(args, database):
             die("the display name must not be empty")
         with database.write() as db:
             set_display_name(db, args.name, args.display_name.strip())
+    elif action in ("disable", "enable"):
+        with database.write() as db:
+            set_user_enabled(db, args.name, action == "enable")
     print(f"user {args.name}: {action} done")
 
 

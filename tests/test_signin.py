@@ -48,7 +48,12 @@ def browser(app):
 def sign_in(browser, user="bob", password=PASSWORD, redirect_url="/", status=303):
     form = browser.get("/index.php/login", {"redirect_url": redirect_url}, status=200)
     token = form_field(form.text, "requesttoken")
-    fields = {"user": user, "password": password, "requesttoken": token, "redirect_url": redirect_url}
+    fields = {
+        "user": user,
+        "password": password,
+        "requesttoken": token,
+        "redirect_url": redirect_url,
+    }
     return browser.post("/index.php/login", fields, status=status, expect_errors=True)
 
 
@@ -147,7 +152,9 @@ def test_own_app_password_api_lists_creates_and_revokes(make_client):
 
 def test_creating_an_app_password_with_an_app_password_is_403(make_client):
     password = app_password_of(make_client)
-    make_client("bob", password=password, prefix=CORE).post("/apppasswords", {"name": "x"}, status=403)
+    make_client("bob", password=password, prefix=CORE).post(
+        "/apppasswords", {"name": "x"}, status=403
+    )
 
 
 @pytest.mark.parametrize("name", ["", "   ", "x" * 201])
@@ -205,7 +212,9 @@ def test_web_session_is_stored_only_as_a_keyed_hash(browser, app):
     cookie = browser.cookies["talk_session"]
     with app.talk.db.read() as db:
         (stored,) = db.execute("SELECT id_hash FROM web_sessions").fetchone()
-    assert cookie not in stored and stored == talk_server.keyed_hash(app.talk.signin_key, "web-session", cookie)
+    assert cookie not in stored and stored == talk_server.keyed_hash(
+        app.talk.signin_key, "web-session", cookie
+    )
 
 
 def test_wrong_password_shows_the_form_again_with_401(browser):
@@ -251,7 +260,10 @@ def test_sign_out_needs_the_session_csrf_token(browser):
 
 def test_bad_form_bodies_are_html_errors(browser):
     answer = browser.post(
-        "/index.php/login", b"\xff\xfe", content_type="application/x-www-form-urlencoded", status=400
+        "/index.php/login",
+        b"\xff\xfe",
+        content_type="application/x-www-form-urlencoded",
+        status=400,
     )
     assert answer.content_type == "text/html"
 
@@ -318,7 +330,9 @@ def test_login_flow_v2_over_http_end_to_end(tmp_path, password_hash):
         headers = basic("bob", credentials["appPassword"])
         user = get_json(url + "/ocs/v2.php/cloud/user", headers)
         assert user["ocs"]["data"]["id"] == "bob"
-        revoke = urllib.request.Request(url + "/ocs/v2.php/core/apppassword", headers=headers, method="DELETE")
+        revoke = urllib.request.Request(
+            url + "/ocs/v2.php/core/apppassword", headers=headers, method="DELETE"
+        )
         assert urllib.request.urlopen(revoke).status == 200
         with pytest.raises(urllib.error.HTTPError) as refused:
             get_json(url + "/ocs/v2.php/cloud/user", headers)
@@ -338,14 +352,18 @@ def get_json(url, headers):
 
 def poll_status(endpoint, body):
     try:
-        with urllib.request.urlopen(urllib.request.Request(endpoint, body, method="POST")) as answer:
+        with urllib.request.urlopen(
+            urllib.request.Request(endpoint, body, method="POST")
+        ) as answer:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
 
 
 def start_v2(browser):
-    started = browser.post("/index.php/login/v2", headers={"User-Agent": "nc_py_api"}, status=200).json
+    started = browser.post(
+        "/index.php/login/v2", headers={"User-Agent": "nc_py_api"}, status=200
+    ).json
     path = urllib.parse.urlsplit(started["login"]).path
     return path, started["poll"]["token"]
 
@@ -418,7 +436,10 @@ def test_login_flow_v2_start_is_rate_limited(app, browser):
 
 def test_login_flow_v1_ends_in_the_nc_login_redirect(browser, make_client):
     start = browser.get(
-        "/index.php/login/flow", {"user": "bob"}, headers={**OCS, "User-Agent": "Talk iOS"}, status=303
+        "/index.php/login/flow",
+        {"user": "bob"},
+        headers={**OCS, "User-Agent": "Talk iOS"},
+        status=303,
     )
     flow = start.headers["Location"]
     assert flow.startswith("/index.php/login/flow/") and flow.endswith("?user=bob")
@@ -432,10 +453,18 @@ def test_login_flow_v1_ends_in_the_nc_login_redirect(browser, make_client):
     }
     grant = browser.post("/index.php/login", fields, status=303).follow(status=200)
     assert "Talk iOS" in grant.text
-    done = browser.post(form_action(grant.text), {"requesttoken": form_field(grant.text, "requesttoken")}, status=303)
-    match = re.fullmatch(r"nc://login/server:(.*)&user:(.*)&password:(.*)", done.headers["Location"])
+    done = browser.post(
+        form_action(grant.text),
+        {"requesttoken": form_field(grant.text, "requesttoken")},
+        status=303,
+    )
+    match = re.fullmatch(
+        r"nc://login/server:(.*)&user:(.*)&password:(.*)", done.headers["Location"]
+    )
     assert match and match.group(1) == "http://localhost:80" and match.group(2) == "bob"
-    make_client("bob", password=urllib.parse.unquote(match.group(3)), prefix=CLOUD).get("/user", status=200)
+    make_client("bob", password=urllib.parse.unquote(match.group(3)), prefix=CLOUD).get(
+        "/user", status=200
+    )
     browser.get(flow, status=404)  # used up
 
 
@@ -471,7 +500,12 @@ def test_nc_py_api_reads_users_with_an_app_password(tmp_path, password_hash):
         nc = nc_py_api.Nextcloud(nextcloud_url=url, nc_auth_user="alice", nc_auth_pass=password)
         assert nc.user == "alice"
         me = nc.users.get_user()
-        assert (me.user_id, me.display_name, me.groups, me.enabled) == ("alice", "Alice", ["admin"], True)
+        assert (me.user_id, me.display_name, me.groups, me.enabled) == (
+            "alice",
+            "Alice",
+            ["admin"],
+            True,
+        )
         assert nc.users.get_list() == ["alice", "bob"]
         assert nc.users.get_list(limit=1, offset=1) == ["bob"]
         assert nc.users.get_user("bob").email == ""
@@ -510,3 +544,26 @@ def test_readme_lists_the_sign_in_endpoints():
         shown = re.sub(r"<(\w+)>", r"{\1}", path)
         assert f"{shown}`" in table, f"{shown} is missing"
     assert "## Signing in from apps" in readme
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+def test_cli_disables_and_enables_a_user(tmp_path, capsys):
+    db = str(tmp_path / "cli.db")
+    talk_server.main(["user", "add", "erin", "--password", "pw", "--db", db])
+    talk_server.main(["user", "disable", "erin", "--db", db])
+    assert "erin: disable done" in capsys.readouterr().out
+    app = talk_server.make_app(db)
+    try:
+        erin = webtest.TestApp(app)
+        erin.get(CLOUD + "/user", headers=basic("erin", "pw"), status=401)
+        talk_server.main(["user", "enable", "erin", "--db", db])
+        app.talk.credentials.forget("erin")
+        erin.get(CLOUD + "/user", headers=basic("erin", "pw"), status=200)
+    finally:
+        app.talk.close()
+    with pytest.raises(SystemExit):
+        talk_server.main(["user", "disable", "nobody", "--db", db])
