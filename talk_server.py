@@ -2970,10 +2970,10 @@ def set_enabled(rq, userid, enabled: bool):
     """Enable or disable a user (administrators). As Nextcloud, nobody may
     change themselves (statuscode 101): an administrator cannot lock
     themselves out."""
-    if userid == rq.actor.user_id:
-        fail(400, "You cannot enable or disable yourself", v1_code=101)
     with rq.talk.db.write() as db:
         require_admin(rq, db)
+        if userid == rq.actor.user_id:
+            fail(400, "You cannot enable or disable yourself", v1_code=101)
         existing_user(db, userid)
         set_user_enabled(db, userid, enabled)
     rq.talk.credentials.forget(userid)
