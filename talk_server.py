@@ -20,7 +20,8 @@ Sections of this module, in order:
     (users and groups, sessions, rooms, participants, calls, chat, signaling)
     . JSON shapes . auth and request helpers . long-poll notifier . routes
     (room management, participant management, call management, chat,
-    signaling, capabilities, accounts) . app factory . serving . command line
+    signaling, capabilities, accounts, sign-in for apps) . app factory . serving
+    . command line
 """
 
 __version__ = "0.1.0"
