@@ -20,7 +20,8 @@ Sections of this module, in order:
     (users and groups, sessions, rooms, participants, calls, chat, signaling)
     . JSON shapes . auth and request helpers . long-poll notifier . routes
     (room management, participant management, call management, chat,
-    signaling, capabilities, accounts) . app factory . serving . command line
+    signaling, capabilities, accounts, sign-in for apps) . app factory . serving
+    . command line
 """
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ import ctypes
 import getpass
 import hashlib
 import hmac
+import html
 import json
 import os
 import re
@@ -44,7 +46,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote, urlencode
 
 import bottle
 import waitress
@@ -159,6 +161,24 @@ CREDENTIAL_CACHE_SECONDS = 300
 THROTTLE_FREE_FAILURES = 5  # failed logins from one address before any delay
 THROTTLE_MAX_DELAY = 300  # seconds
 ROOMS_PER_MINUTE = 30  # rooms one user may create in a minute
+
+# Sign-in for apps: app passwords, the sign-in page, login flows v1 and v2
+CORE_PREFIX = "/ocs/v<ocs:re:[12]>.php/core"
+APP_PASSWORD_LENGTH = 72  # as Nextcloud's, of [A-Za-z0-9]
+APP_PASSWORD_PATTERN = re.compile(r"[A-Za-z0-9]{72}")
+APP_PASSWORD_NAME_MAX = 200
+LAST_USED_EVERY = 60  # seconds: app_passwords.last_used is written at most this often
+WEB_COOKIE = "talk_session"  # the sign-in page's session
+PRE_SESSION_COOKIE = "talk_presession"  # ties the sign-in form's CSRF token to a browser
+WEB_SESSION_IDLE = 7 * 24 * 3600  # a web session unused this long ends
+LOGIN_FLOW_SECONDS = 20 * 60  # login flows v1 and v2 expire (as Nextcloud)
+LOGIN_FLOWS_PER_MINUTE = 60  # flows one address may start in a minute
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # flow tokens live in page URLs
+    "Cache-Control": "no-store",
+}
 
 # Serving
 DEFAULT_HOST = "127.0.0.1"
@@ -678,7 +698,11 @@ def check_password(stored: str, password: str) -> bool:
 
 def get_user(db, user_id: str):
     return db.execute(
-        "SELECT id, display_name, password_hash FROM users WHERE id = :id",
+        """
+        SELECT id, display_name, password_hash, email, enabled
+          FROM users
+         WHERE id = :id
+        """,
         {"id": user_id},
     ).fetchone()
 
@@ -717,6 +741,13 @@ def set_display_name(db, user_id: str, display_name: str) -> None:
     db.execute(
         "UPDATE users SET display_name = :name WHERE id = :id",
         {"id": user_id, "name": display_name},
+    )
+
+
+def set_user_enabled(db, user_id: str, enabled: bool) -> None:
+    db.execute(
+        "UPDATE users SET enabled = :enabled WHERE id = :id",
+        {"id": user_id, "enabled": int(enabled)},
     )
 
 
@@ -789,6 +820,21 @@ def list_groups(db, search: str = "") -> list[str]:
     ]
 
 
+def list_groups_with_counts(db, search: str = "") -> list[sqlite3.Row]:
+    """Groups matching `search` with their member counts (GET /cloud/groups/details)."""
+    return db.execute(
+        """
+        SELECT g.id, COUNT(m.user_id) AS user_count
+          FROM groups AS g
+          LEFT JOIN group_members AS m ON m.group_id = g.id
+         WHERE instr(lower(g.id), lower(:search)) > 0
+         GROUP BY g.id
+         ORDER BY g.id
+        """,
+        {"search": search},
+    ).fetchall()
+
+
 def create_group(db, group_id: str) -> None:
     db.execute("INSERT INTO groups (id) VALUES (:id)", {"id": group_id})
 
@@ -826,6 +872,192 @@ def remove_from_group(db, group_id: str, user_id: str) -> None:
 
 def count_users(db) -> int:
     return db.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+
+
+# --- Sign-in: server secrets, app passwords, web sessions, login flows ------
+
+
+def server_secret(db, name: str) -> bytes | None:
+    row = db.execute(
+        "SELECT value FROM server_secrets WHERE name = :name", {"name": name}
+    ).fetchone()
+    return None if row is None else bytes(row["value"])
+
+
+def create_server_secret(db, name: str, value: bytes) -> bytes:
+    """Store a secret unless one exists; returns the one stored (first writer wins)."""
+    db.execute(
+        "INSERT OR IGNORE INTO server_secrets (name, value) VALUES (:name, :value)",
+        {"name": name, "value": value},
+    )
+    return server_secret(db, name)
+
+
+def add_app_password(db, user_id: str, name: str, token_hash: str, now: int) -> int:
+    return db.execute(
+        """
+        INSERT INTO app_passwords (user_id, name, token_hash, created)
+        VALUES (:user_id, :name, :token_hash, :now)
+        """,
+        {"user_id": user_id, "name": name, "token_hash": token_hash, "now": now},
+    ).lastrowid
+
+
+def app_password_by_hash(db, token_hash: str):
+    """The app password with this hash and its owner's row, or None."""
+    return db.execute(
+        """
+        SELECT a.id AS app_password_id, a.last_used,
+               u.id, u.display_name, u.enabled
+          FROM app_passwords AS a
+          JOIN users AS u ON u.id = a.user_id
+         WHERE a.token_hash = :token_hash
+        """,
+        {"token_hash": token_hash},
+    ).fetchone()
+
+
+def app_passwords_of(db, user_id: str) -> list[sqlite3.Row]:
+    return db.execute(
+        """
+        SELECT id, name, created, last_used
+          FROM app_passwords
+         WHERE user_id = :user_id
+         ORDER BY id
+        """,
+        {"user_id": user_id},
+    ).fetchall()
+
+
+def touch_app_password(db, password_id: int, now: int) -> None:
+    """Record a use, unless one was recorded within the last minute (spares the SD card)."""
+    db.execute(
+        """
+        UPDATE app_passwords
+           SET last_used = :now
+         WHERE id = :id AND last_used <= :now - :every
+        """,
+        {"id": password_id, "now": now, "every": LAST_USED_EVERY},
+    )
+
+
+def set_app_password_hash(db, password_id: int, token_hash: str) -> None:
+    db.execute(
+        "UPDATE app_passwords SET token_hash = :token_hash WHERE id = :id",
+        {"id": password_id, "token_hash": token_hash},
+    )
+
+
+def delete_app_password(db, user_id: str, password_id: int) -> bool:
+    """Revoke one of a user's app passwords; False when they have none with that id."""
+    return (
+        db.execute(
+            "DELETE FROM app_passwords WHERE id = :id AND user_id = :user_id",
+            {"id": password_id, "user_id": user_id},
+        ).rowcount
+        > 0
+    )
+
+
+def add_web_session(db, id_hash: str, user_id: str, csrf: str, now: int) -> None:
+    db.execute(
+        """
+        INSERT INTO web_sessions (id_hash, user_id, csrf, created, last_seen)
+        VALUES (:id_hash, :user_id, :csrf, :now, :now)
+        """,
+        {"id_hash": id_hash, "user_id": user_id, "csrf": csrf, "now": now},
+    )
+
+
+def web_session_by_hash(db, id_hash: str, since: int):
+    """A web session seen at or after `since`, with its user's row, or None."""
+    return db.execute(
+        """
+        SELECT s.id_hash, s.csrf, s.last_seen, u.id, u.display_name, u.enabled
+          FROM web_sessions AS s
+          JOIN users AS u ON u.id = s.user_id
+         WHERE s.id_hash = :id_hash AND s.last_seen >= :since
+        """,
+        {"id_hash": id_hash, "since": since},
+    ).fetchone()
+
+
+def touch_web_session(db, id_hash: str, now: int) -> None:
+    db.execute(
+        "UPDATE web_sessions SET last_seen = :now WHERE id_hash = :id_hash",
+        {"id_hash": id_hash, "now": now},
+    )
+
+
+def delete_web_session(db, id_hash: str) -> None:
+    db.execute("DELETE FROM web_sessions WHERE id_hash = :id_hash", {"id_hash": id_hash})
+
+
+def expire_web_sessions(db, before: int) -> None:
+    db.execute("DELETE FROM web_sessions WHERE last_seen < :before", {"before": before})
+
+
+def add_login_flow(db, version, login_token, poll_token_hash, client_name, now) -> None:
+    db.execute(
+        """
+        INSERT INTO login_flows (version, login_token, poll_token_hash, client_name, created)
+        VALUES (:version, :login_token, :poll_token_hash, :client_name, :now)
+        """,
+        {
+            "version": version,
+            "login_token": login_token,
+            "poll_token_hash": poll_token_hash,
+            "client_name": client_name,
+            "now": now,
+        },
+    )
+
+
+def login_flow_by_token(db, login_token: str, since: int):
+    """A login flow started at or after `since`, by the token in its URL, or None."""
+    return db.execute(
+        """
+        SELECT id, version, client_name, user_id, app_password
+          FROM login_flows
+         WHERE login_token = :login_token AND created >= :since
+        """,
+        {"login_token": login_token, "since": since},
+    ).fetchone()
+
+
+def grant_login_flow(db, flow_id: int, user_id: str, app_password: str) -> bool:
+    """Hand a flow its app password, once; False when it was granted already."""
+    return (
+        db.execute(
+            """
+            UPDATE login_flows
+               SET user_id = :user_id, app_password = :app_password
+             WHERE id = :id AND app_password IS NULL
+            """,
+            {"id": flow_id, "user_id": user_id, "app_password": app_password},
+        ).rowcount
+        > 0
+    )
+
+
+def granted_flow(db, poll_token_hash: str, since: int):
+    """A granted login flow v2 started at or after `since`, by its poll token, or None."""
+    return db.execute(
+        """
+        SELECT id, user_id, app_password
+          FROM login_flows
+         WHERE poll_token_hash = :hash AND created >= :since AND app_password IS NOT NULL
+        """,
+        {"hash": poll_token_hash, "since": since},
+    ).fetchone()
+
+
+def delete_login_flow(db, flow_id: int) -> None:
+    db.execute("DELETE FROM login_flows WHERE id = :id", {"id": flow_id})
+
+
+def expire_login_flows(db, before: int) -> None:
+    db.execute("DELETE FROM login_flows WHERE created < :before", {"before": before})
 
 
 # --- Sessions ----------------------------------------------------------------
@@ -1645,14 +1877,47 @@ def user_in_room_json(row) -> dict:
 
 
 def user_json(db, row) -> dict:
-    """A user as the provisioning API shows it."""
+    """A user as the provisioning API shows it, with every field the apps and
+    nc-py-api read (profile fields talk-server does not keep are empty)."""
     return {
-        "enabled": True,
+        "enabled": bool(row["enabled"]),
+        "storageLocation": "",
         "id": row["id"],
-        "email": None,
+        "lastLogin": 0,
+        "backend": "Database",
+        "subadmin": [],
+        "quota": {"free": -3, "used": 0, "total": -3, "relative": 0, "quota": -3},
+        "manager": "",
+        "email": row["email"] or None,
+        "additional_mail": [],
         "displayname": row["display_name"],
         "display-name": row["display_name"],
+        "phone": "",
+        "address": "",
+        "website": "",
+        "twitter": "",
+        "fediverse": "",
+        "organisation": "",
+        "role": "",
+        "headline": "",
+        "biography": "",
+        "profile_enabled": "1",
+        "pronouns": "",
         "groups": groups_of(db, row["id"]),
+        "language": "en",
+        "locale": "",
+        "timezone": "",
+        "notify_email": None,
+        "backendCapabilities": {"setDisplayName": True, "setPassword": True},
+    }
+
+
+def app_password_json(row) -> dict:
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "created": row["created"],
+        "lastUsed": row["last_used"],
     }
 
 
@@ -1835,13 +2100,24 @@ def attendee_json(room, row, sessions, now) -> dict:
 # ---------------------------------------------------------------------------
 
 
+# How a user proved who they are (Actor.credential): some endpoints care.
+PASSWORD, APP_PASSWORD, WEB = "password", "app-password", "web"
+
+
 @dataclass
 class Actor:
-    """Who is calling: a user (user_id), or a guest (guest_id, None without a cookie)."""
+    """Who is calling: a user (user_id), or a guest (guest_id, None without a cookie).
+
+    A user's `credential` says how they signed in: PASSWORD (Basic auth with
+    the login password), APP_PASSWORD (Basic auth with the app password
+    `app_password_id`) or WEB (the sign-in page's session cookie).
+    """
 
     user_id: str | None = None
     display_name: str = ""
     guest_id: str | None = None
+    credential: str = ""
+    app_password_id: int | None = None
 
     @property
     def is_guest(self) -> bool:
@@ -2151,21 +2427,105 @@ def client_address(environ) -> str:
     return environ.get("REMOTE_ADDR") or "unknown"
 
 
+def new_secret(length: int) -> str:
+    """`length` random characters of [A-Za-z0-9] (app passwords, flow tokens)."""
+    return "".join(secrets.choice(SESSION_ALPHABET) for _ in range(length))
+
+
+def keyed_hash(key: bytes, purpose: str, text: str) -> str:
+    """HMAC-SHA256 of a random token under the server's key, one purpose apart
+    from another: the database keeps no token that would work if it leaked."""
+    return hmac.new(key, f"{purpose}\0{text}".encode(), "sha256").hexdigest()
+
+
+def load_signin_key(database) -> bytes:
+    """The key of the sign-in hashes, made once per database."""
+    with database.read() as db:
+        key = server_secret(db, "signin")
+    if key is None:
+        with database.write() as db:
+            key = create_server_secret(db, "signin", secrets.token_bytes(32))
+    return key
+
+
+def password_login(talk, user_id: str, password: str):
+    """The user's row when the login password is right and the user enabled, else None."""
+    row = talk.credentials.verify(talk.db, user_id, password)
+    return row if row is not None and row["enabled"] else None
+
+
+def app_password_login(talk, user_id: str, password: str):
+    """The row of an app password of enabled `user_id`, else None; records its use."""
+    token_hash = keyed_hash(talk.signin_key, "app-password", password)
+    with talk.db.read() as db:
+        row = app_password_by_hash(db, token_hash)
+    if row is None or row["id"] != user_id or not row["enabled"]:
+        return None
+    now = int(talk.clock())
+    if now - row["last_used"] >= LAST_USED_EVERY:
+        with talk.db.write() as db:
+            touch_app_password(db, row["app_password_id"], now)
+    return row
+
+
+def basic_login(talk, user_id: str, password: str) -> Actor | None:
+    """The user Basic auth names, by an app password or the login password.
+
+    Something shaped like an app password is looked up by its hash first (no
+    scrypt: microseconds); a login password that happens to look like one
+    still works through the scrypt check after.
+    """
+    if APP_PASSWORD_PATTERN.fullmatch(password):
+        row = app_password_login(talk, user_id, password)
+        if row is not None:
+            return Actor(
+                user_id=row["id"],
+                display_name=row["display_name"],
+                credential=APP_PASSWORD,
+                app_password_id=row["app_password_id"],
+            )
+    row = password_login(talk, user_id, password)
+    if row is None:
+        return None
+    return Actor(user_id=row["id"], display_name=row["display_name"], credential=PASSWORD)
+
+
+def web_session(talk, environ):
+    """The sign-in page's session this request's cookie names (with its user), or None."""
+    cookie = bottle.request.get_cookie(WEB_COOKIE)
+    if not cookie or not re.fullmatch(r"[A-Za-z0-9_-]{20,100}", cookie):
+        return None
+    now = int(talk.clock())
+    id_hash = keyed_hash(talk.signin_key, "web-session", cookie)
+    with talk.db.read() as db:
+        row = web_session_by_hash(db, id_hash, now - WEB_SESSION_IDLE)
+    if row is None or not row["enabled"]:
+        return None
+    if now - row["last_seen"] >= LAST_USED_EVERY:
+        with talk.db.write() as db:
+            touch_web_session(db, id_hash, now)
+    return row
+
+
 def authenticate(talk, environ, need_user: bool) -> Actor:
-    """The caller from Basic auth or the guest cookie; 401 when that fails (SPEC 1.5)."""
+    """The caller from Basic auth, the sign-in page's cookie or the guest cookie;
+    401 when that fails (SPEC 1.5). A disabled user is refused with any of them."""
     header = environ.get("HTTP_AUTHORIZATION")
     if header:
         address = client_address(environ)
         talk.throttle.check(address)
         credentials = basic_credentials(header)
-        row = None
+        actor = None
         if credentials is not None:
-            row = talk.credentials.verify(talk.db, *credentials)
-        if row is None:
+            actor = basic_login(talk, *credentials)
+        if actor is None:
             talk.throttle.failed(address)
             fail(401, "Wrong user name or password")
         talk.throttle.succeeded(address)
-        return Actor(user_id=row["id"], display_name=row["display_name"])
+        return actor
+    session = web_session(talk, environ)
+    if session is not None:
+        return Actor(user_id=session["id"], display_name=session["display_name"], credential=WEB)
     if need_user:
         fail(401, "Authentication required")
     cookie = bottle.request.get_cookie(GUEST_COOKIE)
@@ -3629,16 +3989,18 @@ def valid_id(value, what):
     return value
 
 
+def paged(rq, items: list) -> list:
+    """The slice of `items` that the `offset` and `limit` parameters ask for."""
+    offset = rq.integer("offset", 0, minimum=0)
+    limit = rq.integer("limit", None, minimum=0)
+    items = items[offset:]
+    return items if limit is None else items[:limit]
+
+
 def cloud_me(rq):
     """GET /cloud/user: the signed-in user."""
     with rq.talk.db.read() as db:
-        row = existing_user(db, rq.actor.user_id)
-        return {
-            "id": row["id"],
-            "display-name": row["display_name"],
-            "email": None,
-            "groups": groups_of(db, row["id"]),
-        }
+        return user_json(db, existing_user(db, rq.actor.user_id))
 
 
 def cloud_users(rq):
@@ -3646,10 +4008,15 @@ def cloud_users(rq):
     with rq.talk.db.read() as db:
         require_admin(rq, db)
         rows = list_users(db, rq.text("search", ""))
-    offset = rq.integer("offset", 0, minimum=0)
-    limit = rq.integer("limit", None, minimum=0)
-    ids = [row["id"] for row in rows][offset:]
-    return {"users": ids if limit is None else ids[:limit]}
+    return {"users": paged(rq, [row["id"] for row in rows])}
+
+
+def cloud_users_details(rq):
+    """GET /cloud/users/details: list users with their details (administrators)."""
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)
+        ids = paged(rq, [row["id"] for row in list_users(db, rq.text("search", ""))])
+        return {"users": {user_id: user_json(db, get_user(db, user_id)) for user_id in ids}}
 
 
 def cloud_user_add(rq):
@@ -3696,6 +4063,30 @@ def cloud_user_edit(rq, userid):
             set_display_name(db, userid, value.strip()[:64] or userid)
     rq.talk.credentials.forget(userid)
     return []
+
+
+def set_enabled(rq, userid, enabled: bool):
+    """Enable or disable a user (administrators). As Nextcloud, nobody may
+    change themselves (statuscode 101): an administrator cannot lock
+    themselves out."""
+    with rq.talk.db.write() as db:
+        require_admin(rq, db)
+        if userid == rq.actor.user_id:
+            fail(400, "You cannot enable or disable yourself", v1_code=101)
+        existing_user(db, userid)
+        set_user_enabled(db, userid, enabled)
+    rq.talk.credentials.forget(userid)
+    return []
+
+
+def cloud_user_enable(rq, userid):
+    """PUT /cloud/users/{userid}/enable: let a disabled user sign in again (administrators)."""
+    return set_enabled(rq, userid, True)
+
+
+def cloud_user_disable(rq, userid):
+    """PUT /cloud/users/{userid}/disable: refuse a user's every credential (administrators)."""
+    return set_enabled(rq, userid, False)
 
 
 def cloud_user_delete(rq, userid):
@@ -3745,7 +4136,27 @@ def cloud_groups(rq):
     """GET /cloud/groups: list groups (administrators)."""
     with rq.talk.db.read() as db:
         require_admin(rq, db)
-        return {"groups": list_groups(db, rq.text("search", ""))}
+        return {"groups": paged(rq, list_groups(db, rq.text("search", "")))}
+
+
+def cloud_groups_details(rq):
+    """GET /cloud/groups/details: list groups with member counts (administrators)."""
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)
+        rows = paged(rq, list_groups_with_counts(db, rq.text("search", "")))
+    return {
+        "groups": [
+            {
+                "id": row["id"],
+                "displayname": row["id"],
+                "usercount": row["user_count"],
+                "disabled": 0,
+                "canAdd": True,
+                "canRemove": True,
+            }
+            for row in rows
+        ]
+    }
 
 
 def cloud_group_add(rq):
@@ -3776,6 +4187,373 @@ def cloud_group_delete(rq, groupid):
         existing_group(db, groupid)
         delete_group(db, groupid)
     return []
+
+
+# ---------------------------------------------------------------------------
+# Routes: Sign-in for apps (app passwords, sign-in page, login flows)
+# ---------------------------------------------------------------------------
+
+# The OCS part (/ocs/v{1,2}.php/core/...) runs through ocs_callback like every
+# OCS route. The /index.php pages are HTML forms that work without
+# JavaScript; page_callback gives them their errors as HTML pages (the login
+# flow v2 start and poll answer JSON). Their CSRF defence: the sign-in form
+# carries a token derived from a pre-session cookie, every later form the
+# web session's own token.
+
+
+def client_name(environ) -> str:
+    """What an app password is named after: the client's User-Agent (as Nextcloud)."""
+    agent = environ.get("HTTP_USER_AGENT", "").strip()
+    return agent[:APP_PASSWORD_NAME_MAX] or "unknown"
+
+
+def base_url(environ) -> str:
+    """This server's URL as the client reached it. The scheme is Waitress's,
+    which believes X-Forwarded-Proto only from a trusted proxy."""
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST", "")
+    if not re.fullmatch(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?", host):
+        host = f"{environ.get('SERVER_NAME', 'localhost')}:{environ.get('SERVER_PORT', '80')}"
+    return f"{scheme}://{host}"
+
+
+def create_app_password(talk, user_id: str, name: str) -> tuple[int, str]:
+    """A new app password for `user_id`: (its id, the password, shown only now)."""
+    password = new_secret(APP_PASSWORD_LENGTH)
+    token_hash = keyed_hash(talk.signin_key, "app-password", password)
+    with talk.db.write() as db:
+        password_id = add_app_password(db, user_id, name, token_hash, int(talk.clock()))
+    return password_id, password
+
+
+def require_credential(rq, *kinds):
+    """403 unless the caller signed in with one of `kinds` (AppPasswordController)."""
+    if rq.actor.credential not in kinds:
+        if rq.actor.credential == APP_PASSWORD:
+            fail(403, "Not allowed with an app password; use the login password")
+        fail(403, "Only allowed with an app password")
+
+
+def core_get_app_password(rq):
+    """GET /core/getapppassword: trade the login password for an app password."""
+    require_credential(rq, PASSWORD, WEB)
+    _, password = create_app_password(rq.talk, rq.actor.user_id, client_name(bottle.request.environ))
+    return {"apppassword": password}
+
+
+def core_delete_app_password(rq):
+    """DELETE /core/apppassword: revoke the app password this request uses."""
+    require_credential(rq, APP_PASSWORD)
+    with rq.talk.db.write() as db:
+        delete_app_password(db, rq.actor.user_id, rq.actor.app_password_id)
+    return []
+
+
+def core_rotate_app_password(rq):
+    """POST /core/apppassword/rotate: replace the app password in use by a new one."""
+    require_credential(rq, APP_PASSWORD)
+    password = new_secret(APP_PASSWORD_LENGTH)
+    with rq.talk.db.write() as db:
+        token_hash = keyed_hash(rq.talk.signin_key, "app-password", password)
+        set_app_password_hash(db, rq.actor.app_password_id, token_hash)
+    return {"apppassword": password}
+
+
+def core_list_app_passwords(rq):
+    """GET /core/apppasswords: the caller's app passwords (talk-server's own API)."""
+    with rq.talk.db.read() as db:
+        return [app_password_json(row) for row in app_passwords_of(db, rq.actor.user_id)]
+
+
+def core_create_app_password(rq):
+    """POST /core/apppasswords: a new named app password (talk-server's own API)."""
+    require_credential(rq, PASSWORD, WEB)
+    name = (rq.text("name", "") or "").strip()
+    if not 1 <= len(name) <= APP_PASSWORD_NAME_MAX:
+        fail(400, f"name must be 1-{APP_PASSWORD_NAME_MAX} characters")
+    password_id, password = create_app_password(rq.talk, rq.actor.user_id, name)
+    return {"id": password_id, "name": name, "apppassword": password}
+
+
+def core_revoke_app_password(rq, password_id):
+    """DELETE /core/apppasswords/{id}: revoke one of the caller's app passwords."""
+    if not re.fullmatch(r"\d{1,18}", password_id):
+        fail(404, "App password not found")
+    with rq.talk.db.write() as db:
+        if not delete_app_password(db, rq.actor.user_id, int(password_id)):
+            fail(404, "App password not found")
+    return []
+
+
+# --- The sign-in pages -------------------------------------------------------
+
+
+class PageCall(Call):
+    """A request to an /index.php page: a Call plus the browser's web session row."""
+
+    def __init__(self, talk, actor, params, session):
+        super().__init__(talk, actor, params, 2)
+        self.session = session
+
+
+def page(title: str, body: str) -> str:
+    """A whole HTML page: no script, no style, no external URL."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)} - talk-server</title></head>"
+        f"<body><main><h1>{html.escape(title)}</h1>{body}</main></body></html>\n"
+    )
+
+
+def hidden(name: str, value: str) -> str:
+    return f'<input type="hidden" name="{name}" value="{html.escape(value)}">'
+
+
+def see_other(location: str) -> Reply:
+    """A 303 redirect; relative, so a forged Host or X-Forwarded-Host cannot bend it."""
+    bottle.response.set_header("Location", location)
+    return Reply(303, "")
+
+
+def safe_redirect(target) -> str:
+    """`target` when it is a path on this server, else "/" (no open redirect)."""
+    if (
+        not isinstance(target, str)
+        or not re.fullmatch(r"/[\x21-\x7e]*", target)
+        or target.startswith(("//", "/\\"))
+    ):
+        return "/"
+    return target
+
+
+def set_page_cookie(name: str, value: str) -> None:
+    """A browser-session cookie only this server's pages and requests see."""
+    secure = bottle.request.environ.get("wsgi.url_scheme") == "https"
+    bottle.response.set_cookie(name, value, path="/", httponly=True, samesite="lax", secure=secure)
+
+
+def presession_token(rq) -> str:
+    """The sign-in form's CSRF token, derived from the pre-session cookie (set when missing)."""
+    cookie = bottle.request.get_cookie(PRE_SESSION_COOKIE)
+    if not cookie or not re.fullmatch(r"[A-Za-z0-9_-]{20,100}", cookie):
+        cookie = secrets.token_urlsafe(32)
+        set_page_cookie(PRE_SESSION_COOKIE, cookie)
+    return keyed_hash(rq.talk.signin_key, "csrf", cookie)
+
+
+def presession_ok(rq) -> bool:
+    cookie = bottle.request.get_cookie(PRE_SESSION_COOKIE)
+    given = rq.params.get("requesttoken")
+    if not cookie or not isinstance(given, str):
+        return False
+    return hmac.compare_digest(keyed_hash(rq.talk.signin_key, "csrf", cookie), given)
+
+
+def require_session_csrf(rq) -> None:
+    """403 unless the form carries the web session's CSRF token."""
+    given = rq.params.get("requesttoken")
+    if not isinstance(given, str) or not hmac.compare_digest(rq.session["csrf"], given):
+        fail(403, "The form expired or came from another site; please try again")
+
+
+def signin_form(rq, target: str, user: str = "", error: str = "", status: int = 200) -> Reply:
+    message = f'<p role="alert"><strong>{html.escape(error)}</strong></p>' if error else ""
+    body = (
+        f'{message}<form method="post" action="/index.php/login">'
+        f'<p><label>User name<br><input name="user" value="{html.escape(user)}" '
+        'autocomplete="username" autocapitalize="none" required autofocus></label></p>'
+        '<p><label>Password<br><input name="password" type="password" '
+        'autocomplete="current-password" required></label></p>'
+        f'{hidden("requesttoken", presession_token(rq))}{hidden("redirect_url", target)}'
+        '<p><button type="submit">Sign in</button></p></form>'
+    )
+    return Reply(status, page("Sign in", body))
+
+
+def logout_form(rq) -> str:
+    return (
+        '<form method="post" action="/index.php/logout">'
+        f'{hidden("requesttoken", rq.session["csrf"])}'
+        '<button type="submit">Sign out</button></form>'
+    )
+
+
+def signin_page(rq):
+    """GET /index.php/login: the sign-in form (signed in already: on to redirect_url)."""
+    target = safe_redirect(rq.text("redirect_url", "/"))
+    if rq.session is not None:
+        return see_other(target)
+    return signin_form(rq, target, rq.text("user", "") or "")
+
+
+def signin(rq):
+    """POST /index.php/login: sign in with user and password, throttled as Basic auth.
+
+    A wrong password shows the form again with status 401.
+    """
+    target = safe_redirect(rq.text("redirect_url", "/"))
+    user, password = rq.text("user", "") or "", rq.text("password", "") or ""
+    if not presession_ok(rq):
+        return signin_form(rq, target, user, "The form expired; please try again.", 403)
+    address = client_address(bottle.request.environ)
+    rq.talk.throttle.check(address)
+    row = password_login(rq.talk, user, password) if user and password else None
+    if row is None:
+        rq.talk.throttle.failed(address)
+        return signin_form(rq, target, user, "Wrong user name or password.", 401)
+    rq.talk.throttle.succeeded(address)
+    cookie = secrets.token_urlsafe(32)
+    with rq.talk.db.write() as db:
+        expire_web_sessions(db, rq.now - WEB_SESSION_IDLE)
+        id_hash = keyed_hash(rq.talk.signin_key, "web-session", cookie)
+        add_web_session(db, id_hash, row["id"], new_secret(32), rq.now)
+    set_page_cookie(WEB_COOKIE, cookie)
+    return see_other(target)
+
+
+def signout(rq):
+    """POST /index.php/logout: end the web session (CSRF-checked)."""
+    if rq.session is not None:
+        require_session_csrf(rq)
+        with rq.talk.db.write() as db:
+            delete_web_session(db, rq.session["id_hash"])
+    bottle.response.delete_cookie(WEB_COOKIE, path="/")
+    return see_other("/index.php/login")
+
+
+# --- Login flows v1 and v2 ---------------------------------------------------
+
+
+def flow_path(version: int, login_token: str) -> str:
+    return f"/index.php/login/{'v2/' if version == 2 else ''}flow/{login_token}"
+
+
+def start_flow(rq, version: int) -> tuple[str, str]:
+    """A new login flow: (login token for its URL, poll token for v2)."""
+    rq.talk.flow_starts.take(client_address(bottle.request.environ), "login flows")
+    login_token, poll_token = new_secret(64), new_secret(64)
+    poll_hash = keyed_hash(rq.talk.signin_key, "poll", poll_token) if version == 2 else None
+    name = client_name(bottle.request.environ)
+    with rq.talk.db.write() as db:
+        expire_login_flows(db, rq.now - LOGIN_FLOW_SECONDS)
+        add_login_flow(db, version, login_token, poll_hash, name, rq.now)
+    return login_token, poll_token
+
+
+def live_flow(rq, login_token: str, version: int):
+    """The unexpired flow of this version, or 404."""
+    with rq.talk.db.read() as db:
+        flow = login_flow_by_token(db, login_token, rq.now - LOGIN_FLOW_SECONDS)
+    if flow is None or flow["version"] != version:
+        fail(404, "This sign-in link is unknown or has expired; start again from the app")
+    return flow
+
+
+def flow_page(rq, login_token: str, version: int):
+    """Sign in first (when needed), then the Grant access form."""
+    flow = live_flow(rq, login_token, version)
+    if rq.session is None:
+        return signin_form(rq, flow_path(version, login_token), rq.text("user", "") or "")
+    if flow["app_password"] is not None:
+        return page("Access granted", "<p>You may close this window.</p>")
+    body = (
+        f"<p>Signed in as <strong>{html.escape(rq.session['display_name'])}</strong> "
+        f"({html.escape(rq.session['id'])}).</p>"
+        f"<p>Grant <strong>{html.escape(flow['client_name'])}</strong> access to your "
+        "account? It gets its own app password, which you can revoke.</p>"
+        f'<form method="post" action="{flow_path(version, login_token)}">'
+        f'{hidden("requesttoken", rq.session["csrf"])}'
+        '<button type="submit">Grant access</button></form>'
+        f"<p>Not you?</p>{logout_form(rq)}"
+    )
+    return page("Grant access", body)
+
+
+def grant_flow(rq, login_token: str, version: int):
+    """Create the flow's app password: v2 keeps it for one poll, v1 redirects to nc://."""
+    flow = live_flow(rq, login_token, version)
+    if rq.session is None:
+        return signin_form(rq, flow_path(version, login_token), "", "Please sign in first.", 401)
+    require_session_csrf(rq)
+    user_id = rq.session["id"]
+    password = new_secret(APP_PASSWORD_LENGTH)
+    with rq.talk.db.write() as db:
+        token_hash = keyed_hash(rq.talk.signin_key, "app-password", password)
+        add_app_password(db, user_id, flow["client_name"], token_hash, rq.now)
+        if version == 1:
+            delete_login_flow(db, flow["id"])
+        elif not grant_login_flow(db, flow["id"], user_id, password):
+            fail(409, "Access was granted already")
+    if version == 1:
+        server = base_url(bottle.request.environ)
+        return see_other(
+            f"nc://login/server:{server}&user:{quote(user_id, safe='')}"
+            f"&password:{quote(password, safe='')}"
+        )
+    return page("Access granted", "<p>You may close this window and return to the app.</p>")
+
+
+def login_v2_start(rq):
+    """POST /index.php/login/v2: start a login flow v2 (no credentials)."""
+    login_token, poll_token = start_flow(rq, 2)
+    base = base_url(bottle.request.environ)
+    return {
+        "poll": {"token": poll_token, "endpoint": f"{base}/index.php/login/v2/poll"},
+        "login": f"{base}{flow_path(2, login_token)}",
+    }
+
+
+def login_v2_poll(rq):
+    """POST /index.php/login/v2/poll: the credentials, once, after the user granted."""
+    token = rq.text("token", "") or ""
+    row = None
+    if re.fullmatch(r"[A-Za-z0-9]{1,200}", token):
+        token_hash = keyed_hash(rq.talk.signin_key, "poll", token)
+        since = rq.now - LOGIN_FLOW_SECONDS
+        with rq.talk.db.read() as db:
+            row = granted_flow(db, token_hash, since)
+        if row is not None:
+            with rq.talk.db.write() as db:  # another poll may have taken it meanwhile
+                row = granted_flow(db, token_hash, since)
+                if row is not None:
+                    delete_login_flow(db, row["id"])
+    if row is None:
+        return Reply(404, [])
+    return {
+        "server": base_url(bottle.request.environ),
+        "loginName": row["user_id"],
+        "appPassword": row["app_password"],
+    }
+
+
+def login_v2_flow(rq, login_token):
+    """GET /index.php/login/v2/flow/{token}: the page a login flow v2 opens."""
+    return flow_page(rq, login_token, 2)
+
+
+def login_v2_grant(rq, login_token):
+    """POST /index.php/login/v2/flow/{token}: grant the app access."""
+    return grant_flow(rq, login_token, 2)
+
+
+def login_v1_start(rq):
+    """GET /index.php/login/flow: start a login flow v1 (the apps' web view)."""
+    if not csrf_ok(bottle.request.environ):
+        fail(400, "This page is for the Nextcloud apps; they send OCS-APIRequest: true")
+    login_token, _ = start_flow(rq, 1)
+    user = rq.text("user", "") or ""
+    return see_other(flow_path(1, login_token) + (f"?{urlencode({'user': user})}" if user else ""))
+
+
+def login_v1_flow(rq, login_token):
+    """GET /index.php/login/flow/{token}: sign in, then the Grant access form."""
+    return flow_page(rq, login_token, 1)
+
+
+def login_v1_grant(rq, login_token):
+    """POST /index.php/login/flow/{token}: grant, then redirect to nc://login/..."""
+    return grant_flow(rq, login_token, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -3867,16 +4645,47 @@ CLOUD_ROUTES = [
     ("GET", "/user", cloud_me, USERS),
     ("GET", "/users", cloud_users, USERS),
     ("POST", "/users", cloud_user_add, USERS),
+    ("GET", "/users/details", cloud_users_details, USERS),  # before /users/<userid>
     ("GET", "/users/<userid>", cloud_user_get, USERS),
     ("PUT", "/users/<userid>", cloud_user_edit, USERS),
     ("DELETE", "/users/<userid>", cloud_user_delete, USERS),
+    ("PUT", "/users/<userid>/enable", cloud_user_enable, USERS),
+    ("PUT", "/users/<userid>/disable", cloud_user_disable, USERS),
     ("GET", "/users/<userid>/groups", cloud_user_groups, USERS),
     ("POST", "/users/<userid>/groups", cloud_user_group_add, USERS),
     ("DELETE", "/users/<userid>/groups", cloud_user_group_remove, USERS),
     ("GET", "/groups", cloud_groups, USERS),
     ("POST", "/groups", cloud_group_add, USERS),
+    ("GET", "/groups/details", cloud_groups_details, USERS),  # before /groups/<groupid>
     ("GET", "/groups/<groupid>", cloud_group_get, USERS),
     ("DELETE", "/groups/<groupid>", cloud_group_delete, USERS),
+]
+
+# Sign-in for apps: OCS routes under /ocs/v{1,2}.php/core
+SIGNIN_ROUTES = [
+    ("GET", "/getapppassword", core_get_app_password, USERS),
+    ("DELETE", "/apppassword", core_delete_app_password, USERS),
+    ("POST", "/apppassword/rotate", core_rotate_app_password, USERS),
+    # talk-server's own: the browser client's list of app passwords
+    ("GET", "/apppasswords", core_list_app_passwords, USERS),
+    ("POST", "/apppasswords", core_create_app_password, USERS),
+    ("DELETE", "/apppasswords/<password_id>", core_revoke_app_password, USERS),
+]
+
+HTML, JSON = "html", "json"
+
+# Sign-in for apps: the pages under /index.php, HTML forms or JSON
+PAGE_ROUTES = [
+    ("GET", "/index.php/login", signin_page, HTML),
+    ("POST", "/index.php/login", signin, HTML),
+    ("POST", "/index.php/logout", signout, HTML),
+    ("POST", "/index.php/login/v2", login_v2_start, JSON),
+    ("POST", "/index.php/login/v2/poll", login_v2_poll, JSON),
+    ("GET", "/index.php/login/v2/flow/<login_token>", login_v2_flow, HTML),
+    ("POST", "/index.php/login/v2/flow/<login_token>", login_v2_grant, HTML),
+    ("GET", "/index.php/login/flow", login_v1_start, HTML),
+    ("GET", "/index.php/login/flow/<login_token>", login_v1_flow, HTML),
+    ("POST", "/index.php/login/flow/<login_token>", login_v1_grant, HTML),
 ]
 
 
@@ -3885,6 +4694,7 @@ ROUTE_TABLES = [
     (API_PREFIX, 1, ROUTES),
     (API_V4_PREFIX, 4, ROUTES_V4),
     (CLOUD_PREFIX, 1, CLOUD_ROUTES),
+    (CORE_PREFIX, 1, SIGNIN_ROUTES),
 ]
 
 
@@ -3952,6 +4762,8 @@ class Talk:
         self.signaling_queue_max = signaling_queue_max
         self.room_creation = RateLimit(rooms_per_minute)
         self.throttle = Throttle(throttle_free_failures)  # logins
+        self.signin_key = load_signin_key(self.db)
+        self.flow_starts = RateLimit(LOGIN_FLOWS_PER_MINUTE)
         # Room passwords apart: a user's successful login must not reset them.
         self.room_throttle = Throttle(throttle_free_failures)
         self.rooms = Rooms(self)
@@ -4036,6 +4848,45 @@ def ocs_callback(talk, handler, who, generation=1):
     return wrapper
 
 
+def page_callback(talk, handler, kind):
+    """Wrap an /index.php page: parameters, the web session, security headers and
+    errors (an HTML page, or JSON for the login flow v2 API), in one place."""
+
+    def wrapper(**url_args):
+        request = bottle.request
+        environ = request.environ
+        for name, value in PAGE_HEADERS.items():
+            bottle.response.set_header(name, value)
+        try:
+            query = {key: request.query.getunicode(key) for key in request.query.keys()}
+            body = read_body(environ, talk.max_body)
+            session = web_session(talk, environ)
+            actor = Actor()
+            if session is not None:
+                actor = Actor(user_id=session["id"], display_name=session["display_name"], credential=WEB)
+            result = handler(PageCall(talk, actor, {**query, **body}, session), **url_args)
+        except OCSError as error:
+            result = Reply(error.status, error.data if kind == JSON else error_html(error))
+        except sqlite3.IntegrityError:
+            result = Reply(409, [] if kind == JSON else page("Please try again", ""))
+        status, data = (result.status, result.data) if isinstance(result, Reply) else (200, result)
+        bottle.response.status = status
+        if kind == JSON:
+            bottle.response.content_type = "application/json; charset=utf-8"
+            return json.dumps(data, separators=(",", ":")).encode("utf-8")
+        bottle.response.content_type = "text/html; charset=utf-8"
+        return data.encode("utf-8")
+
+    wrapper.__name__ = handler.__name__
+    wrapper.__doc__ = handler.__doc__
+    return wrapper
+
+
+def error_html(error: OCSError) -> str:
+    title = STATUS_MESSAGES.get(error.status, "Error")
+    return page(title, f"<p>{html.escape(error.message)}</p>")
+
+
 def make_app(db_path, **options) -> bottle.Bottle:
     """Build a fresh Talk app on the SQLite database at `db_path`.
 
@@ -4052,6 +4903,8 @@ def make_app(db_path, **options) -> bottle.Bottle:
     for prefix, generation, table in ROUTE_TABLES:
         for method, path, handler, who in table:
             app.route(prefix + path, method, ocs_callback(talk, handler, who, generation))
+    for method, path, handler, kind in PAGE_ROUTES:
+        app.route(path, method, page_callback(talk, handler, kind))
     app.route("/status.php", "GET", status_php)
     app.route("/", "GET", static_file)
     app.route("/static/<path:path>", "GET", static_file)
@@ -4338,6 +5191,9 @@ def parse_args(argv):
     rename = with_db(user.add_parser("rename", help="set a user's display name"))
     rename.add_argument("name")
     rename.add_argument("display_name")
+    for action in ("disable", "enable"):
+        help_text = f"{action} a user's every sign-in (passwords, app passwords, web sessions)"
+        with_db(user.add_parser(action, help=help_text)).add_argument("name")
 
     backup = with_db(commands.add_parser("backup", help="copy the database safely, even while serving"))
     backup.add_argument("destination", help="a new file to write the copy to")
@@ -4423,6 +5279,9 @@ def run_user_command(args, database):
             die("the display name must not be empty")
         with database.write() as db:
             set_display_name(db, args.name, args.display_name.strip())
+    elif action in ("disable", "enable"):
+        with database.write() as db:
+            set_user_enabled(db, args.name, action == "enable")
     print(f"user {args.name}: {action} done")
 
 

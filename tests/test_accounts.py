@@ -33,21 +33,21 @@ def admin_v1(make_client):
 
 
 def test_current_user_for_admin(admin):
-    assert admin.get("/user", status=200).data == {
+    assert admin.get("/user", status=200).data.items() >= {
         "id": "alice",
         "display-name": "Alice",
         "email": None,
         "groups": ["admin"],
-    }
+    }.items()
 
 
 def test_current_user_for_non_admin(user):
-    assert user.get("/user", status=200).data == {
+    assert user.get("/user", status=200).data.items() >= {
         "id": "bob",
         "display-name": "Bob",
         "email": None,
         "groups": [],
-    }
+    }.items()
 
 
 def test_current_user_on_v1(make_client):
@@ -78,12 +78,12 @@ def test_admin_creates_user_who_can_sign_in(admin, make_client):
     params = {"userid": "erin", "password": "erin-pass", "displayName": "Erin E."}
     admin.post("/users", params, status=200)
     erin = make_client("erin", password="erin-pass", prefix=CLOUD)
-    assert erin.get("/user", status=200).data == {
+    assert erin.get("/user", status=200).data.items() >= {
         "id": "erin",
         "display-name": "Erin E.",
         "email": None,
         "groups": [],
-    }
+    }.items()
     assert "erin" in admin.get("/users", status=200).data["users"]
 
 
@@ -420,3 +420,72 @@ def test_user_deleted_by_another_process_is_401_after_the_recheck(app, bob, db_p
         other.execute("DELETE FROM users WHERE id = 'bob'")
     app.talk.credentials.recheck = 0
     bob.get("/user", prefix=CLOUD, status=401)
+
+
+# ---------------------------------------------------------------------------
+# What nc-py-api and the apps use: fields, enable/disable, details, paging
+# ---------------------------------------------------------------------------
+
+
+def test_current_user_has_the_fields_the_apps_read(admin):
+    data = admin.get("/user", status=200).data
+    for field in ("id", "display-name", "displayname", "email", "groups", "enabled",
+                  "language", "locale", "quota", "backend", "subadmin", "phone",
+                  "address", "website", "twitter", "backendCapabilities"):
+        assert field in data, field
+    assert data["enabled"] is True and isinstance(data["quota"], dict)
+    assert data["subadmin"] == [] and data["backend"] == "Database"
+
+
+def test_user_details_carry_the_same_fields(admin):
+    me = admin.get("/user", status=200).data
+    assert admin.get("/users/alice", status=200).data == me
+
+
+def test_admin_disables_and_enables_a_user(admin, make_client):
+    bob = make_client("bob", prefix=CLOUD)
+    bob.get("/user", status=200)
+    admin.put("/users/bob/disable", status=200)
+    assert admin.get("/users/bob", status=200).data["enabled"] is False
+    bob.get("/user", status=401)
+    admin.put("/users/bob/enable", status=200)
+    bob.get("/user", status=200)
+
+
+def test_disabling_yourself_is_refused_as_nextcloud(admin, admin_v1):
+    admin.put("/users/alice/disable", status=400)
+    assert admin_v1.put("/users/alice/disable", status=200).meta["statuscode"] == 101
+    assert admin.get("/users/alice", status=200).data["enabled"] is True
+
+
+def test_only_admins_disable_users(user, admin):
+    user.put("/users/carol/disable", status=403)
+    admin.put("/users/nobody/disable", status=404)
+    assert admin.get("/users/carol", status=200).data["enabled"] is True
+
+
+def test_users_and_groups_page_with_limit_and_offset(admin):
+    admin.post("/groups", {"groupid": "team"}, status=200)
+    assert admin.get("/users", {"limit": 2, "offset": 1}, status=200).data == {"users": ["bob", "carol"]}
+    assert admin.get("/groups", {"limit": 1}, status=200).data == {"groups": ["admin"]}
+    assert admin.get("/groups", {"offset": 1}, status=200).data == {"groups": ["team"]}
+    assert admin.get("/groups", {"search": "TE"}, status=200).data == {"groups": ["team"]}
+    admin.get("/groups", {"limit": -1}, status=400)
+
+
+def test_group_details(admin, user):
+    admin.post("/groups", {"groupid": "team"}, status=200)
+    assert admin.get("/groups/details", status=200).data == {
+        "groups": [
+            {"id": "admin", "displayname": "admin", "usercount": 1, "disabled": 0,
+             "canAdd": True, "canRemove": True},
+            {"id": "team", "displayname": "team", "usercount": 0, "disabled": 0,
+             "canAdd": True, "canRemove": True},
+        ]
+    }
+    user.get("/groups/details", status=403)
+
+
+def test_users_details_keyed_by_id(admin):
+    data = admin.get("/users/details", {"search": "bo"}, status=200).data
+    assert list(data["users"]) == ["bob"] and data["users"]["bob"]["displayname"] == "Bob"

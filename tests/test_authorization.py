@@ -120,6 +120,9 @@ TABLE = [
     ("GET", CLOUD, "/users/carol", None, ADMIN_OR_CAROL),
     ("PUT", CLOUD, "/users/carol", {"key": "displayname", "value": "Caroline"}, ADMIN),
     ("DELETE", CLOUD, "/users/erin", None, ADMIN),
+    ("GET", CLOUD, "/users/details", None, ADMIN),
+    ("PUT", CLOUD, "/users/erin/disable", None, ADMIN),
+    ("PUT", CLOUD, "/users/erin/enable", None, ADMIN),
     # SPEC 9 opens GET /cloud/users/{own id} to non-administrators; their own
     # groups too, as Nextcloud allows (test_accounts agrees).
     ("GET", CLOUD, "/users/carol/groups", None, ADMIN_OR_CAROL),
@@ -127,6 +130,7 @@ TABLE = [
     ("DELETE", CLOUD, "/users/carol/groups", {"groupid": "team"}, ADMIN),
     ("GET", CLOUD, "/groups", None, ADMIN),
     ("POST", CLOUD, "/groups", {"groupid": "newgroup"}, ADMIN),
+    ("GET", CLOUD, "/groups/details", None, ADMIN),
     ("GET", CLOUD, "/groups/team", None, ADMIN),
     ("DELETE", CLOUD, "/groups/team", None, ADMIN),
 ]
@@ -378,6 +382,8 @@ EFFECTS = {
     ("POST", "/users"): lambda w, a: user_row(w, "newbie") is not None,
     ("PUT", "/users/carol"): lambda w, a: user_row(w, "carol")["display_name"] == "Caroline",
     ("DELETE", "/users/erin"): lambda w, a: user_row(w, "erin") is None,
+    ("PUT", "/users/erin/disable"): lambda w, a: user_row(w, "erin")["enabled"] == 0,
+    ("PUT", "/users/erin/enable"): lambda w, a: user_row(w, "erin")["enabled"] == 1,
     ("POST", "/users/erin/groups"): lambda w, a: "team" in groups(w, "erin"),
     ("DELETE", "/users/carol/groups"): lambda w, a: "team" not in groups(w, "carol"),
     ("POST", "/groups"): lambda w, a: "newgroup" in group_ids(w),

@@ -29,6 +29,7 @@ def section(heading):
 SECTIONS = {
     id(talk_server.ROUTES): "## What is implemented",
     id(talk_server.CLOUD_ROUTES): "## What is implemented",
+    id(talk_server.SIGNIN_ROUTES): "## What is implemented",
     id(talk_server.ROUTES_V4): "### Today's API: conversations and participants (v4)",
 }
 
