@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import API, PASSWORD
 from helpers import add, create, join
+from served import served  # noqa: F401
 
 import talk_server
 
@@ -496,18 +497,6 @@ def test_readme_lists_the_new_endpoints():
 # --- nc-py-api against a served talk-server ------------------------------------
 
 
-@pytest.fixture
-def served(tmp_path, password_hash):
-    path = tmp_path / "served.db"
-    app = talk_server.make_app(path)
-    with app.talk.db.write() as db:
-        for user_id in ("alice", "bob"):
-            talk_server.create_user(db, user_id, password_hash, user_id.capitalize())
-    app.talk.close()
-    with talk_server.serve_in_thread(path, threads=4) as url:
-        yield url
-
-
 def nextcloud(url, user="alice"):
     """An nc-py-api client; capabilities this branch does not advertise yet
     (spreed.features avatar, user_status) are added to its cached copy."""
@@ -519,7 +508,7 @@ def nextcloud(url, user="alice"):
     return nc
 
 
-def test_nc_py_api_conversation_avatar(served):
+def test_nc_py_api_conversation_avatar(served):  # noqa: F811 (a fixture)
     nc = nextcloud(served)
     # nc-py-api's own create_conversation needs the v4 routes: make it by hand.
     token = nc.ocs("POST", "/ocs/v2.php/apps/spreed/api/v1/room", json={"roomType": 2, "roomName": "Py"})["token"]
