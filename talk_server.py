@@ -17,10 +17,12 @@ Embed it (for example in another project's tests)::
 Sections of this module, in order:
 
     constants . errors and the OCS envelope . database . data access
-    (users and groups, sessions, rooms, participants, calls, chat, signaling)
-    . JSON shapes . auth and request helpers . long-poll notifier . routes
-    (room management, participant management, call management, chat,
-    signaling, capabilities, accounts) . app factory . serving . command line
+    (users and groups, sessions, rooms, participants, calls, chat, signaling,
+    avatars, user status, autocomplete) . JSON shapes . auth and request
+    helpers (multipart too) . long-poll notifier . avatar images (font, PNG
+    writer, upload and emoji checks) . routes (room management, participant
+    management, call management, chat, signaling, capabilities, accounts,
+    avatars, user status, user search) . app factory . serving . command line
 """
 
 __version__ = "0.1.0"
