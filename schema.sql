@@ -67,19 +67,25 @@ CREATE TABLE login_flows (
 );
 
 -- A user's status (online, away, dnd, invisible, offline) and message.
+-- message_id names a predefined message (NULL: a custom one or none);
+-- user_defined is 0 for a status the heartbeat set, which goes offline
+-- when the heartbeats stop.
 CREATE TABLE user_status (
     user_id          TEXT PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
     status           TEXT NOT NULL DEFAULT 'online',
     message          TEXT NOT NULL DEFAULT '',
     icon             TEXT NOT NULL DEFAULT '',
     clear_at         INTEGER,
-    status_timestamp INTEGER NOT NULL DEFAULT 0
+    status_timestamp INTEGER NOT NULL DEFAULT 0,
+    message_id       TEXT,
+    user_defined     INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 
 -- Room management: one row per room. last_activity orders GET /room. Types
 -- 1-3 as in 2018; 4 changelog, 5 former one-to-one, 6 note to self. The
--- avatar is an uploaded image (avatar_type image/png or image/jpeg) or an
--- emoji with a colour; avatar_version changes with every change.
+-- avatar is an uploaded image (avatar_type image/png or image/jpeg, its
+-- bytes in room_avatars) or an emoji (avatar_type emoji, the emoji's UTF-8
+-- in avatar) on avatar_color; avatar_version changes with every change.
 CREATE TABLE rooms (
     id                  INTEGER PRIMARY KEY,
     token               TEXT NOT NULL UNIQUE,
@@ -105,6 +111,13 @@ CREATE TABLE rooms (
     avatar_color        TEXT NOT NULL DEFAULT '',
     avatar_version      INTEGER NOT NULL DEFAULT 0,
     modified            INTEGER NOT NULL DEFAULT 0  -- last change of a setting (modifiedSince)
+);
+
+-- Conversation avatars: an uploaded image's bytes, apart from rooms, so
+-- the room lookups every request makes (SELECT *) never read megabytes.
+CREATE TABLE room_avatars (
+    room_id INTEGER PRIMARY KEY REFERENCES rooms (id) ON DELETE CASCADE,
+    data    BLOB NOT NULL
 );
 
 -- Participant management: one row per user (user_id) or guest (guest_id, a

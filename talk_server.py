@@ -17,11 +17,14 @@ Embed it (for example in another project's tests)::
 Sections of this module, in order:
 
     constants . errors and the OCS envelope . database . data access
-    (users and groups, sessions, rooms, participants, calls, chat, signaling)
-    . JSON shapes . auth and request helpers . long-poll notifier . routes
-    (room management, participant management, call management, chat,
-    signaling, capabilities, accounts, sign-in for apps) . app factory . serving
-    . command line
+    (users and groups, sessions, rooms, participants, calls, chat, signaling,
+    avatars, user status, autocomplete) . JSON shapes . auth and request
+    helpers (multipart too) . long-poll notifier . avatar images (font, PNG
+    writer, upload and emoji checks) . room operations . routes, one section
+    per API generation (v1: room management, participant management, call
+    management, chat, signaling; v4: conversations, participants),
+    sign-in for apps, avatars, user status, user search, capabilities and
+    accounts . app factory . serving . command line
 """
 
 __version__ = "0.1.0"
@@ -31,6 +34,8 @@ import base64
 import collections
 import contextlib
 import ctypes
+import email.message
+import email.utils
 import getpass
 import hashlib
 import hmac
@@ -41,10 +46,13 @@ import re
 import secrets
 import signal
 import sqlite3
+import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass
+import unicodedata
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -63,6 +71,8 @@ SPREED_PREFIX = "/ocs/v<ocs:re:[12]>.php/apps/spreed/api"
 API_PREFIX = SPREED_PREFIX + "/v1"
 API_V4_PREFIX = SPREED_PREFIX + "/v4"
 CLOUD_PREFIX = "/ocs/v<ocs:re:[12]>.php/cloud"
+USER_STATUS_PREFIX = "/ocs/v<ocs:re:[12]>.php/apps/user_status/api/v1"
+AUTOCOMPLETE_PREFIX = "/ocs/v<ocs:re:[12]>.php/core/autocomplete"
 
 # Room types
 ROOM_ONE_TO_ONE = 1
@@ -146,10 +156,43 @@ FEATURES = FEATURES_2018 + [
     "invite-groups-and-mails",
     "locked-one-to-one-rooms",
     "force-mute",  # moderators' mute travels as a relayed signaling message
+    "avatar",
 ]
 # Today's apps refuse old servers: Android wants at least 17, Talk Desktop 27.
 NEXTCLOUD_VERSION = (31, 0, 0, 0)
 SPREED_VERSION = "21.0.0"  # the Talk release whose API this server follows
+
+# Avatars: generated user avatars (a PNG at 16..512 px), conversation
+# avatars (uploaded PNG or JPEG, or an emoji on a colour)
+AVATAR_SIZE_MIN, AVATAR_SIZE_MAX = 16, 512
+AVATAR_CACHE_ENTRIES = 256  # generated PNGs kept in memory (a few KiB each)
+AVATAR_UPLOAD_MAX = 5 * 1024 * 1024  # Talk allows 20 MiB; a Pi keeps uploads in memory
+AVATAR_BODY_MAX = AVATAR_UPLOAD_MAX + 64 * 1024  # the multipart framing around it
+AVATAR_DEFAULT_COLORS = {False: "6b6b6b", True: "3b3b3b"}  # Talk's bright and dark
+AVATAR_FIXED_TYPES = (1, 5)  # one-to-one rooms (and former ones) show the other user
+EMOJI_MAX_CODEPOINTS = 16  # one grapheme: family, flag and job sequences fit
+
+# User status (the Nextcloud user_status app)
+STATUS_TYPES = ("online", "away", "dnd", "invisible", "offline")
+HEARTBEAT_TYPES = ("online", "away")
+STATUS_MESSAGE_MAX = 80
+STATUS_STALE_SECONDS = 15 * 60  # an automatic status goes offline without heartbeats
+STATUS_LIST_MAX = 200
+# (id, icon, message, default clearAt) as the user_status app offers them.
+PREDEFINED_STATUSES = (
+    ("meeting", "\U0001f4c5", "In a meeting", {"type": "period", "time": 3600}),
+    ("commuting", "\U0001f68c", "Commuting", {"type": "period", "time": 1800}),
+    ("be-right-back", "\u23f3", "Be right back", {"type": "period", "time": 900}),
+    ("remote-work", "\U0001f3e1", "Working remotely", {"type": "end-of", "time": "day"}),
+    ("sick-leave", "\U0001f912", "Out sick", {"type": "end-of", "time": "day"}),
+    ("vacationing", "\U0001f334", "Vacationing", None),
+)
+PREDEFINED_BY_ID = {entry[0]: entry for entry in PREDEFINED_STATUSES}
+
+# User search for invitations (core autocomplete)
+AUTOCOMPLETE_DEFAULT_LIMIT = 10
+AUTOCOMPLETE_MAX_LIMIT = 100
+SHARE_TYPE_USER, SHARE_TYPE_GROUP = 0, 1
 
 # Accounts
 ADMIN_GROUP = "admin"
@@ -186,6 +229,7 @@ DEFAULT_PORT = 8080
 DEFAULT_THREADS = 64
 DEFAULT_RESERVE = 4
 DEFAULT_MAX_BODY = 1024 * 1024
+MULTIPART_MAX_PARTS = 100
 
 # ---------------------------------------------------------------------------
 # Errors and the OCS envelope
@@ -230,6 +274,15 @@ class Reply:
 
     status: int
     data: object
+
+
+@dataclass
+class Binary:
+    """An answer that is not an envelope (an image): its bytes, type and ETag."""
+
+    body: bytes
+    content_type: str
+    etag: str = ""
 
 
 def ocs_meta(version, status, message):
@@ -390,7 +443,9 @@ MIGRATIONS: list[str] = [
         message          TEXT NOT NULL DEFAULT '',
         icon             TEXT NOT NULL DEFAULT '',
         clear_at         INTEGER,
-        status_timestamp INTEGER NOT NULL DEFAULT 0
+        status_timestamp INTEGER NOT NULL DEFAULT 0,
+        message_id       TEXT,
+        user_defined     INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID;
     CREATE TABLE rooms_v2 (
         id                  INTEGER PRIMARY KEY,
@@ -422,6 +477,10 @@ MIGRATIONS: list[str] = [
     SELECT id, token, type, name, password_hash, last_activity, last_activity FROM rooms;
     DROP TABLE rooms;
     ALTER TABLE rooms_v2 RENAME TO rooms;
+    CREATE TABLE room_avatars (
+        room_id INTEGER PRIMARY KEY REFERENCES rooms (id) ON DELETE CASCADE,
+        data    BLOB NOT NULL
+    );
     ALTER TABLE participants ADD COLUMN favorite INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE participants ADD COLUMN notification_level INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE participants ADD COLUMN notification_calls INTEGER NOT NULL DEFAULT 1;
@@ -1738,6 +1797,203 @@ def users_in_room(db, room_id: int, active_since: int) -> list[sqlite3.Row]:
     ).fetchall()
 
 
+# --- Avatars -----------------------------------------------------------------
+
+
+def room_avatar_fields(db, room_id: int):
+    """A room's avatar columns without the image: type, avatar_type, avatar_color,
+    avatar_version, and avatar (an emoji's UTF-8, else NULL). None: no such room."""
+    return db.execute(
+        """
+        SELECT type, avatar_type, avatar_color, avatar_version, avatar
+          FROM rooms
+         WHERE id = :id
+        """,
+        {"id": room_id},
+    ).fetchone()
+
+
+def room_avatar_image(db, room_id: int) -> bytes | None:
+    row = db.execute(
+        "SELECT data FROM room_avatars WHERE room_id = :id", {"id": room_id}
+    ).fetchone()
+    return None if row is None else bytes(row["data"])
+
+
+def set_room_avatar(db, room_id: int, avatar_type: str, image=None, emoji="", color="") -> None:
+    """Give a room an uploaded image (image bytes) or an emoji; bumps avatar_version."""
+    db.execute("DELETE FROM room_avatars WHERE room_id = :id", {"id": room_id})
+    if image is not None:
+        db.execute(
+            "INSERT INTO room_avatars (room_id, data) VALUES (:id, :data)",
+            {"id": room_id, "data": image},
+        )
+    db.execute(
+        """
+        UPDATE rooms
+           SET avatar_type = :avatar_type,
+               avatar = :emoji,
+               avatar_color = :color,
+               avatar_version = avatar_version + 1
+         WHERE id = :id
+        """,
+        {
+            "id": room_id,
+            "avatar_type": avatar_type,
+            "emoji": emoji.encode("utf-8") if emoji else None,
+            "color": color,
+        },
+    )
+
+
+def delete_room_avatar(db, room_id: int) -> bool:
+    """Back to the default avatar; False (and nothing changes) when it was the default."""
+    db.execute("DELETE FROM room_avatars WHERE room_id = :id", {"id": room_id})
+    changed = db.execute(
+        """
+        UPDATE rooms
+           SET avatar_type = '', avatar = NULL, avatar_color = '',
+               avatar_version = avatar_version + 1
+         WHERE id = :id AND avatar_type <> ''
+        """,
+        {"id": room_id},
+    ).rowcount
+    return changed > 0
+
+
+def other_user_of(db, room_id: int, user_id):
+    """The first user of a room other than `user_id`, with display name, or None."""
+    return db.execute(
+        """
+        SELECT u.id, u.display_name
+          FROM participants AS p
+          JOIN users AS u ON u.id = p.user_id
+         WHERE p.room_id = :room_id AND p.user_id <> coalesce(:user_id, '')
+         ORDER BY p.id
+         LIMIT 1
+        """,
+        {"room_id": room_id, "user_id": user_id},
+    ).fetchone()
+
+
+# --- User status ---------------------------------------------------------------
+
+
+def status_rows(db, user_ids) -> list[sqlite3.Row]:
+    """The stored statuses of these users (users without one have no row)."""
+    return db.execute(
+        """
+        SELECT * FROM user_status
+         WHERE user_id IN (SELECT value FROM json_each(:ids))
+        """,
+        {"ids": json.dumps(list(user_ids))},
+    ).fetchall()
+
+
+def status_row(db, user_id: str):
+    return db.execute(
+        "SELECT * FROM user_status WHERE user_id = :id", {"id": user_id}
+    ).fetchone()
+
+
+def list_status_rows(db, limit: int, offset: int) -> list[sqlite3.Row]:
+    return db.execute(
+        """
+        SELECT * FROM user_status
+         ORDER BY user_id
+         LIMIT :limit OFFSET :offset
+        """,
+        {"limit": limit, "offset": offset},
+    ).fetchall()
+
+
+def ensure_status_row(db, user_id: str) -> None:
+    db.execute(
+        "INSERT OR IGNORE INTO user_status (user_id, status) VALUES (:id, 'offline')",
+        {"id": user_id},
+    )
+
+
+def set_status_type(db, user_id: str, status: str, now: int, user_defined: bool) -> None:
+    ensure_status_row(db, user_id)
+    db.execute(
+        """
+        UPDATE user_status
+           SET status = :status, status_timestamp = :now, user_defined = :user_defined
+         WHERE user_id = :id
+        """,
+        {"id": user_id, "status": status, "now": now, "user_defined": int(user_defined)},
+    )
+
+
+def touch_status(db, user_id: str, now: int) -> None:
+    """A heartbeat that keeps the status as it is."""
+    db.execute(
+        "UPDATE user_status SET status_timestamp = :now WHERE user_id = :id",
+        {"id": user_id, "now": now},
+    )
+
+
+def set_status_message(db, user_id: str, message: str, icon: str, message_id, clear_at) -> None:
+    """A custom message (message_id None) or a predefined one (message and icon empty)."""
+    ensure_status_row(db, user_id)
+    db.execute(
+        """
+        UPDATE user_status
+           SET message = :message, icon = :icon, message_id = :message_id,
+               clear_at = :clear_at
+         WHERE user_id = :id
+        """,
+        {
+            "id": user_id,
+            "message": message,
+            "icon": icon,
+            "message_id": message_id,
+            "clear_at": clear_at,
+        },
+    )
+
+
+def clear_status_message(db, user_id: str) -> None:
+    db.execute(
+        """
+        UPDATE user_status
+           SET message = '', icon = '', message_id = NULL, clear_at = NULL
+         WHERE user_id = :id
+        """,
+        {"id": user_id},
+    )
+
+
+# --- Autocomplete --------------------------------------------------------------
+
+
+def search_users(db, search: str) -> list[sqlite3.Row]:
+    """Users whose id, display name or email contains `search` (any case)."""
+    return db.execute(
+        """
+        SELECT id, display_name, email
+          FROM users
+         WHERE enabled
+           AND (instr(lower(id), lower(:search)) > 0
+                OR instr(lower(display_name), lower(:search)) > 0
+                OR instr(lower(email), lower(:search)) > 0)
+         ORDER BY lower(display_name), id
+        """,
+        {"search": search},
+    ).fetchall()
+
+
+def user_ids_in_room(db, room_id: int) -> set[str]:
+    return {
+        row[0]
+        for row in db.execute(
+            "SELECT user_id FROM participants WHERE room_id = :id AND user_id IS NOT NULL",
+            {"id": room_id},
+        )
+    }
+
+
 # ---------------------------------------------------------------------------
 # JSON shapes: the only place columns become the document's camelCase fields
 # ---------------------------------------------------------------------------
@@ -2009,6 +2265,8 @@ def conversation_json(room, rows, sessions, viewer, my_session, extras, now) -> 
         can_leave = bool(other_moderators) or len(users) <= 1
     last = extras.get("last_message")
     actor_type, actor_id = attendee_actor(mine) if mine is not None else ("", "")
+    partner = next((r for r in users if r is not mine), None)
+    avatar = room_avatar_json(room, partner["display_name"] if partner is not None else "")
     return {
         "id": room["id"],
         "token": room["token"],
@@ -2051,8 +2309,7 @@ def conversation_json(room, rows, sessions, viewer, my_session, extras, now) -> 
         "isArchived": False,
         "isImportant": False,
         "isSensitive": False,
-        "isCustomAvatar": bool(room["avatar_type"]),
-        "avatarVersion": str(room["avatar_version"] or room["id"]),
+        **avatar,
         "canLeaveConversation": can_leave,
         "canDeleteConversation": moderator and room["type"] != ROOM_ONE_TO_ONE,
         "readOnly": room["read_only"],
@@ -2092,6 +2349,124 @@ def attendee_json(room, row, sessions, now) -> dict:
         "attendeePermissions": row["permissions"],
         "attendeePin": "",
         "sessionIds": [s["id"] for s in mine],
+    }
+
+
+def room_avatar_json(fields, partner_name: str = "") -> dict:
+    """`isCustomAvatar` and `avatarVersion` of a room, from room_avatar_fields().
+
+    The version changes whenever the picture does: a new upload or emoji, a
+    delete, public/private (the default icon differs) and, for one-to-one
+    rooms, the other user's display name (pass it as partner_name).
+    """
+    custom = fields["avatar_type"] != ""
+    seed = f"{fields['type']}:{fields['avatar_type']}:{fields['avatar_version']}"
+    if fields["type"] in AVATAR_FIXED_TYPES:
+        seed += ":" + partner_name
+    version = hashlib.sha1(seed.encode("utf-8")).hexdigest()[:8]
+    return {"isCustomAvatar": custom, "avatarVersion": version}
+
+
+def effective_status(row, now: int) -> dict:
+    """A stored status as it reads at `now`: an expired message is gone; an
+    automatic (or user-set online) status without heartbeats is offline."""
+    status = row["status"]
+    user_defined = bool(row["user_defined"])
+    if row["status_timestamp"] < now - STATUS_STALE_SECONDS and (
+        not user_defined or status == "online"
+    ):
+        status, user_defined = "offline", False
+    message, icon, message_id, clear_at = row["message"], row["icon"], row["message_id"], row["clear_at"]
+    if clear_at is not None and clear_at <= now:
+        message, icon, message_id, clear_at = "", "", None, None
+    predefined = PREDEFINED_BY_ID.get(message_id)
+    if predefined is not None:
+        icon, message = predefined[1], predefined[2]
+    return {
+        "userId": row["user_id"],
+        "message": message or None,
+        "messageId": message_id,
+        "messageIsPredefined": message_id is not None,
+        "icon": icon or None,
+        "clearAt": clear_at,
+        "status": status,
+        "statusIsUserDefined": user_defined,
+    }
+
+
+def private_status_json(row, user_id: str, now: int) -> dict:
+    """The caller's own status (UserStatusPrivate); offline when never set."""
+    if row is None:
+        return {
+            "userId": user_id,
+            "message": None,
+            "messageId": None,
+            "messageIsPredefined": False,
+            "icon": None,
+            "clearAt": None,
+            "status": "offline",
+            "statusIsUserDefined": False,
+        }
+    return effective_status(row, now)
+
+
+def public_status_json(row, now: int) -> dict:
+    """Another user's status (UserStatusPublic): invisible shows as offline."""
+    full = effective_status(row, now)
+    return {
+        "userId": full["userId"],
+        "message": full["message"],
+        "icon": full["icon"],
+        "clearAt": full["clearAt"],
+        "status": "offline" if full["status"] == "invisible" else full["status"],
+    }
+
+
+def statuses_of(db, user_ids, now: int) -> dict[str, dict]:
+    """The Room/participant status fields of users, for includeStatus.
+
+    {user_id: {"status", "statusIcon", "statusMessage", "statusClearAt"}} for
+    users who have a status row (others are left out, as Talk leaves out the
+    fields); invisible shows as offline.
+    """
+    answer = {}
+    for row in status_rows(db, user_ids):
+        public = public_status_json(row, now)
+        answer[row["user_id"]] = {
+            "status": public["status"],
+            "statusIcon": public["icon"],
+            "statusMessage": public["message"],
+            "statusClearAt": public["clearAt"],
+        }
+    return answer
+
+
+def predefined_status_json(entry) -> dict:
+    status_id, icon, message, clear_at = entry
+    return {"id": status_id, "icon": icon, "message": message, "clearAt": clear_at, "visible": True}
+
+
+def autocomplete_user_json(row, status) -> dict:
+    return {
+        "id": row["id"],
+        "label": row["display_name"],
+        "icon": "icon-user",
+        "source": "users",
+        "status": status or "",
+        "subline": "",
+        "shareWithDisplayNameUnique": row["email"] or row["id"],
+    }
+
+
+def autocomplete_group_json(group_id: str) -> dict:
+    return {
+        "id": group_id,
+        "label": group_id,
+        "icon": "icon-group",
+        "source": "groups",
+        "status": "",
+        "subline": "",
+        "shareWithDisplayNameUnique": "",
     }
 
 
@@ -2228,8 +2603,119 @@ def basic_credentials(header: str):
     return (user, password) if sep else None
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A file from a multipart/form-data body."""
+
+    filename: str
+    content_type: str
+    data: bytes = field(repr=False)
+
+
+def header_value(name: str, value: str) -> email.message.Message:
+    """A header as a Message, to read its parameters with get_param (quoting, RFC 2231)."""
+    message = email.message.Message()
+    message[name] = value
+    return message
+
+
+def multipart_headers(block: bytes) -> dict[str, str]:
+    """A part's header lines, names lowercased; 400 when they are not UTF-8 "Name: value"."""
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        fail(400, "Malformed multipart body: part headers are not UTF-8")
+    headers: dict[str, str] = {}
+    for line in text.split("\r\n"):
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip():
+            fail(400, "Malformed multipart body: bad part header")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def parse_multipart(raw: bytes, content_type: str) -> dict:
+    """A multipart/form-data body: fields as strings, files as Upload; else 400.
+
+    Strict and byte-exact (RFC 7578): every part needs a form-data name, the
+    closing delimiter must be there, at most MULTIPART_MAX_PARTS parts; a
+    repeated name keeps the last value, as form bodies do.
+    """
+    boundary = header_value("content-type", content_type).get_param("boundary")
+    if not isinstance(boundary, str) or not re.fullmatch(r"[ -~]{1,70}", boundary):
+        fail(400, "Malformed multipart body: missing or invalid boundary")
+    delimiter = b"--" + boundary.encode("ascii")
+    if raw.startswith(delimiter):
+        pos = len(delimiter)
+    else:  # a preamble before the first delimiter
+        first = raw.find(b"\r\n" + delimiter)
+        if first < 0:
+            fail(400, "Malformed multipart body: no delimiter")
+        pos = first + 2 + len(delimiter)
+    fields: dict = {}
+    for _ in range(MULTIPART_MAX_PARTS + 1):
+        if raw.startswith(b"--", pos):
+            return fields  # the closing delimiter; any epilogue is ignored
+        while raw[pos : pos + 1] in (b" ", b"\t"):  # transport padding
+            pos += 1
+        if not raw.startswith(b"\r\n", pos):
+            break
+        head_end = raw.find(b"\r\n\r\n", pos + 2)
+        if head_end < 0:
+            break
+        headers = multipart_headers(raw[pos + 2 : head_end]) if head_end > pos + 2 else {}
+        end = raw.find(b"\r\n" + delimiter, head_end + 4)
+        if end < 0:
+            break
+        disposition = header_value("content-disposition", headers.get("content-disposition", ""))
+        name = disposition.get_param("name", header="content-disposition")
+        if disposition.get_content_disposition() != "form-data" or not name:
+            fail(400, "Malformed multipart body: a part without a form-data name")
+        name = email.utils.collapse_rfc2231_value(name)
+        data = raw[head_end + 4 : end]
+        filename = disposition.get_filename()
+        if filename is not None:
+            ctype = headers.get("content-type", "application/octet-stream")
+            fields[name] = Upload(filename, ctype.split(";")[0].strip().lower(), data)
+        else:
+            try:
+                fields[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                fail(400, f"Multipart field {name} is not valid UTF-8")
+        pos = end + 2 + len(delimiter)
+    else:
+        fail(400, f"Multipart body with more than {MULTIPART_MAX_PARTS} parts")
+    fail(400, "Malformed multipart body: truncated or without its closing delimiter")
+
+
+def form_params(pairs) -> dict:
+    """Query or form pairs as a dict: the last value wins, but names ending
+    in [] (shareTypes[]=0&shareTypes[]=1) keep every value, in a list."""
+    params: dict = {}
+    for key, value in pairs:
+        if key.endswith("[]"):
+            params.setdefault(key, []).append(value)
+        else:
+            params[key] = value
+    return params
+
+
+def query_params(query) -> dict:
+    """The query string as parameters; values that are not UTF-8 are None (names[]: left out)."""
+
+    def text(value):
+        try:
+            return value.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            return None
+
+    pairs = [(key, text(value)) for key, value in query.allitems()]
+    params = form_params((k, v) for k, v in pairs if v is not None or not k.endswith("[]"))
+    return params
+
+
 def read_body(environ, max_body):
-    """The request body as a dict of parameters (form or JSON), or raise 400/413."""
+    """The request body as a dict of parameters (form, multipart or JSON), or raise 400/413."""
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
@@ -2240,6 +2726,8 @@ def read_body(environ, max_body):
     if not raw:
         return {}
     ctype = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":  # binary files: before any UTF-8 decoding
+        return parse_multipart(raw, environ["CONTENT_TYPE"])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -2256,11 +2744,11 @@ def read_body(environ, max_body):
         return body
     if ctype in ("", "application/x-www-form-urlencoded", "text/plain"):
         try:
-            return dict(parse_qsl(text, keep_blank_values=True, errors="strict"))
+            return form_params(parse_qsl(text, keep_blank_values=True, errors="strict"))
         except ValueError:
             fail(400, "Malformed form body")
     if ctype.startswith("multipart/"):
-        fail(400, "Multipart bodies are not supported; send a form or JSON")
+        fail(400, "Only multipart/form-data bodies are supported; or send a form or JSON")
     fail(400, f"Unsupported content type {ctype}")
 
 
@@ -2270,6 +2758,8 @@ def text_value(name, value, default=None, required=False) -> str | None:
         if required:
             fail(400, f"Missing parameter {name}")
         return default
+    if isinstance(value, Upload):
+        fail(400, f"Parameter {name} must be text, not a file")
     if isinstance(value, bool) or not isinstance(value, str | int):
         fail(400, f"Parameter {name} must be a string")
     return str(value)
@@ -2302,7 +2792,7 @@ class Call:
             if required:
                 fail(400, f"Missing parameter {name}")
             return default
-        if isinstance(value, bool):
+        if isinstance(value, bool | Upload):
             fail(400, f"Parameter {name} must be an integer")
         if isinstance(value, str):
             if not re.fullmatch(r"\s*[+-]?\d{1,18}\s*", value):
@@ -2340,6 +2830,27 @@ class Call:
             )
             bottle.request.cookies[DEVICE_COOKIE] = cookie
         return hashlib.sha256(cookie.encode("utf-8")).hexdigest()
+
+    def texts(self, name) -> list[str]:
+        """A list parameter: name[]=a&name[]=b, a JSON list, or one value; else 400."""
+        value = self.params.get(name + "[]", self.params.get(name))
+        if value is None:
+            return []
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, bool) or not isinstance(item, str | int) for item in items):
+            fail(400, f"Parameter {name} must be a list of strings")
+        return [str(item) for item in items]
+
+    def upload(self, name, required=False) -> Upload | None:
+        """A file from a multipart/form-data body; 400 when the parameter is not a file."""
+        value = self.params.get(name)
+        if value is None:
+            if required:
+                fail(400, f"Missing file {name} (send multipart/form-data)")
+            return None
+        if not isinstance(value, Upload):
+            fail(400, f"Parameter {name} must be a file (send multipart/form-data)")
+        return value
 
     def guest_id(self) -> str:
         """The guest's cookie hash, setting a new cookie when it has none."""
@@ -2736,6 +3247,309 @@ def room_key(room_id):
 
 def session_key(session_id):
     return ("session", session_id)
+
+
+# ---------------------------------------------------------------------------
+# Avatar images: a bitmap font, a minimal PNG writer, upload and emoji checks
+# ---------------------------------------------------------------------------
+
+# 5x7 glyphs, rows top to bottom, "#" = ink. Other initials get the person.
+FONT = {
+    "A": ".###. #...# #...# ##### #...# #...# #...#",
+    "B": "####. #...# #...# ####. #...# #...# ####.",
+    "C": ".###. #...# #.... #.... #.... #...# .###.",
+    "D": "####. #...# #...# #...# #...# #...# ####.",
+    "E": "##### #.... #.... ####. #.... #.... #####",
+    "F": "##### #.... #.... ####. #.... #.... #....",
+    "G": ".###. #...# #.... #.### #...# #...# .####",
+    "H": "#...# #...# #...# ##### #...# #...# #...#",
+    "I": ".###. ..#.. ..#.. ..#.. ..#.. ..#.. .###.",
+    "J": "..### ...#. ...#. ...#. ...#. #..#. .##..",
+    "K": "#...# #..#. #.#.. ##... #.#.. #..#. #...#",
+    "L": "#.... #.... #.... #.... #.... #.... #####",
+    "M": "#...# ##.## #.#.# #.#.# #...# #...# #...#",
+    "N": "#...# #...# ##..# #.#.# #..## #...# #...#",
+    "O": ".###. #...# #...# #...# #...# #...# .###.",
+    "P": "####. #...# #...# ####. #.... #.... #....",
+    "Q": ".###. #...# #...# #...# #.#.# #..#. .##.#",
+    "R": "####. #...# #...# ####. #.#.. #..#. #...#",
+    "S": ".#### #.... #.... .###. ....# ....# ####.",
+    "T": "##### ..#.. ..#.. ..#.. ..#.. ..#.. ..#..",
+    "U": "#...# #...# #...# #...# #...# #...# .###.",
+    "V": "#...# #...# #...# #...# #...# .#.#. ..#..",
+    "W": "#...# #...# #...# #.#.# #.#.# #.#.# .#.#.",
+    "X": "#...# #...# .#.#. ..#.. .#.#. #...# #...#",
+    "Y": "#...# #...# .#.#. ..#.. ..#.. ..#.. ..#..",
+    "Z": "##### ....# ...#. ..#.. .#... #.... #####",
+    "0": ".###. #...# #..## #.#.# ##..# #...# .###.",
+    "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.",
+    "2": ".###. #...# ....# ...#. ..#.. .#... #####",
+    "3": "##### ...#. ..#.. ...#. ....# #...# .###.",
+    "4": "...#. ..##. .#.#. #..#. ##### ...#. ...#.",
+    "5": "##### #.... ####. ....# ....# #...# .###.",
+    "6": "..##. .#... #.... ####. #...# #...# .###.",
+    "7": "##### ....# ...#. ..#.. .#... .#... .#...",
+    "8": ".###. #...# #...# .###. #...# #...# .###.",
+    "9": ".###. #...# #...# .#### ....# ...#. .##..",
+}
+NEUTRAL_GLYPH = ".###. ##### .###. ..... .###. ##### #####"  # head and shoulders
+
+# Backgrounds white text reads well on; a name always gets the same one.
+AVATAR_PALETTE = (
+    (0xC9, 0x3A, 0x3A), (0xD6, 0x5C, 0x1E), (0xB5, 0x8A, 0x00), (0x5B, 0x8C, 0x1E),
+    (0x1E, 0x8C, 0x4E), (0x0F, 0x8A, 0x8A), (0x1E, 0x78, 0xB4), (0x3A, 0x5B, 0xC9),
+    (0x6A, 0x3A, 0xC9), (0x9B, 0x30, 0xB0), (0xB8, 0x2E, 0x7A), (0x6E, 0x6E, 0x6E),
+)
+WHITE = (0xFF, 0xFF, 0xFF)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def avatar_initial(display_name: str) -> str:
+    """The glyph key for a name: its first letter or digit, accents dropped, upper case."""
+    for char in display_name.strip()[:1]:
+        base = unicodedata.normalize("NFKD", char)[:1].upper()
+        if base in FONT:
+            return base
+    return ""
+
+
+def avatar_color(display_name: str, dark: bool) -> tuple[int, int, int]:
+    """A stable background from the name; the dark variant is darker."""
+    digest = hashlib.sha256(display_name.encode("utf-8", "surrogatepass")).digest()
+    red, green, blue = AVATAR_PALETTE[digest[0] % len(AVATAR_PALETTE)]
+    if dark:
+        return (red * 3 // 5, green * 3 // 5, blue * 3 // 5)
+    return (red, green, blue)
+
+
+def png_chunk(tag: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(tag + data)
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+
+def encode_png(width: int, height: int, rows: list[bytes]) -> bytes:
+    """An 8-bit RGB PNG from `height` rows of width*3 bytes (filter 0 on every row)."""
+    raw = b"".join(b"\x00" + row for row in rows)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        PNG_SIGNATURE
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(raw, 6))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def render_avatar(initial: str, background: tuple[int, int, int], size: int) -> bytes:
+    """A square PNG: the background with the initial's glyph, white, scaled and centred."""
+    glyph = (FONT.get(initial) or NEUTRAL_GLYPH).split()
+    cell = max(1, round(size * 0.45 / len(glyph)))
+    width, height = 5 * cell, len(glyph) * cell
+    left, top = (size - width) // 2, (size - height) // 2
+    bg, ink = bytes(background), bytes(WHITE)
+    plain = bg * size
+    rows = [plain] * top
+    for pattern in glyph:
+        row = bg * left + b"".join((ink if c == "#" else bg) * cell for c in pattern)
+        rows += [row + bg * (size - left - width)] * cell
+    rows += [plain] * (size - len(rows))
+    return encode_png(size, size, rows)
+
+
+def clamp_avatar_size(text: str) -> int:
+    """A requested avatar size, clamped to 16..512 px."""
+    return min(max(int(text[:6]), AVATAR_SIZE_MIN), AVATAR_SIZE_MAX)
+
+
+def png_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a well-formed PNG (chunks and CRCs checked), else None."""
+    if not data.startswith(PNG_SIGNATURE):
+        return None
+    pos, size, seen_end = len(PNG_SIGNATURE), None, False
+    while pos + 12 <= len(data):
+        length, tag = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        if len(body) != length or pos + 12 + length > len(data):
+            return None
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        if zlib.crc32(tag + body) != crc:
+            return None
+        if size is None:
+            if tag != b"IHDR" or length != 13:
+                return None
+            size = struct.unpack(">II", body[:8])
+        if tag == b"IEND":
+            seen_end = True
+            break
+        pos += 12 + length
+    if size is None or not seen_end or 0 in size:
+        return None
+    return size
+
+
+# JPEG start-of-frame markers: they carry the image size.
+JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, walking its segments, else None."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # no length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or scan before any frame
+            return None
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2 or pos + 2 + length > len(data):
+            return None
+        if marker in JPEG_SOF:
+            if length < 7:
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return (width, height) if width and height else None
+        pos += 2 + length
+    return None
+
+
+def checked_avatar_image(upload: Upload) -> str:
+    """The content type of an uploaded avatar (PNG or JPEG by its bytes, square),
+    or a 400 with Talk's message (spreed docs/avatar.md)."""
+    data = upload.data
+    if not data:
+        fail(400, "No image file provided", {"message": "No image file provided"})
+    if len(data) > AVATAR_UPLOAD_MAX:
+        fail(400, "File is too big", {"message": "File is too big"})
+    for content_type, dimensions in (("image/png", png_dimensions), ("image/jpeg", jpeg_dimensions)):
+        size = dimensions(data)
+        if size is not None:
+            if size[0] != size[1]:
+                fail(400, "Avatar image is not square", {"message": "Avatar image is not square"})
+            return content_type
+    if data[:6] in (b"GIF87a", b"GIF89a") or data[:4] in (b"RIFF", b"BM\x00\x00"):
+        fail(400, "Unknown filetype", {"message": "Unknown filetype"})
+    fail(400, "Invalid image", {"message": "Invalid image"})
+
+
+def emoji_base(cp: int) -> bool:
+    """Code points that start an emoji (a reasonable, not exhaustive, set)."""
+    return (
+        0x1F000 <= cp <= 0x1FAFF
+        or 0x2600 <= cp <= 0x27BF
+        or 0x2300 <= cp <= 0x23FF
+        or 0x2B00 <= cp <= 0x2BFF
+        or 0x2190 <= cp <= 0x21FF
+        or 0x25A0 <= cp <= 0x25FF
+        or cp in (0x00A9, 0x00AE, 0x203C, 0x2049, 0x2122, 0x2139, 0x24C2, 0x2934, 0x2935,
+                  0x3030, 0x303D, 0x3297, 0x3299)
+    )
+
+
+def is_single_emoji(text: str) -> bool:
+    """One emoji grapheme: a flag, a keycap, or emoji joined by ZWJ, each with
+    optional variation selector, skin tone and tag sequence."""
+    cps = [ord(c) for c in text]
+    if not cps or len(cps) > EMOJI_MAX_CODEPOINTS:
+        return False
+    if len(cps) == 2 and all(0x1F1E6 <= cp <= 0x1F1FF for cp in cps):
+        return True  # a flag: two regional indicators
+    if text[0] in "0123456789#*" and cps[1:] in ([0xFE0F, 0x20E3], [0x20E3]):
+        return True  # a keycap
+    pos = 0
+    while True:
+        if pos >= len(cps) or not emoji_base(cps[pos]) or 0x1F1E6 <= cps[pos] <= 0x1F1FF:
+            return False
+        pos += 1
+        if pos < len(cps) and 0x1F3FB <= cps[pos] <= 0x1F3FF:  # skin tone
+            pos += 1
+        if pos < len(cps) and cps[pos] == 0xFE0F:
+            pos += 1
+        if pos < len(cps) and 0xE0020 <= cps[pos] <= 0xE007E:  # tags (subdivision flags)
+            while pos < len(cps) and 0xE0020 <= cps[pos] <= 0xE007E:
+                pos += 1
+            if pos >= len(cps) or cps[pos] != 0xE007F:
+                return False
+            pos += 1
+        if pos == len(cps):
+            return True
+        if cps[pos] != 0x200D:
+            return False
+        pos += 1
+
+
+EMOJI_FONTS = (
+    "'Segoe UI', Roboto, 'Noto Sans', Arial, sans-serif, 'Noto Color Emoji', "
+    "'Apple Color Emoji', 'Segoe UI Emoji'"
+)
+
+
+def emoji_svg(emoji: str, color: str) -> bytes:
+    """An emoji avatar: the emoji on a square of `color` (6 hex digits)."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<svg width="512" height="512" version="1.1" viewBox="0 0 500 500" '
+        'xmlns="http://www.w3.org/2000/svg">'
+        f'<rect width="100%" height="100%" fill="#{color}"/>'
+        f'<text x="50%" y="330" style="font-size:240px;font-family:{EMOJI_FONTS};'
+        f'text-anchor:middle;">{xml_escape(emoji)}</text></svg>'
+    ).encode()
+
+
+# Default conversation icons in white: people for group rooms, a globe for public ones.
+DEFAULT_ROOM_ICONS = {
+    "group": '<circle cx="190" cy="190" r="55"/><circle cx="320" cy="205" r="45"/>'
+    '<path d="M90 380c0-60 45-105 100-105s100 45 100 105z"/>'
+    '<path d="M300 380c0-35-10-65-30-88 15-10 32-15 50-15 48 0 90 40 90 103z"/>',
+    "public": '<circle cx="250" cy="250" r="130" fill="none" stroke="#fff" stroke-width="22"/>'
+    '<ellipse cx="250" cy="250" rx="55" ry="130" fill="none" stroke="#fff" stroke-width="18"/>'
+    '<path d="M120 250h260M145 185h210M145 315h210" stroke="#fff" stroke-width="18"/>',
+}
+
+
+def default_room_svg(room_type: int, dark: bool) -> bytes:
+    icon = DEFAULT_ROOM_ICONS["public" if room_type == ROOM_PUBLIC else "group"]
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<svg width="512" height="512" version="1.1" viewBox="0 0 500 500" '
+        'xmlns="http://www.w3.org/2000/svg">'
+        f'<rect width="100%" height="100%" fill="#{AVATAR_DEFAULT_COLORS[dark]}"/>'
+        f'<g fill="#fff">{icon}</g></svg>'
+    ).encode()
+
+
+class BoundedCache:
+    """A small thread-safe map that forgets the least recently used entries."""
+
+    def __init__(self, entries: int):
+        self.entries = entries
+        self._items: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, make):
+        """The value for `key`, made (outside the lock) when missing."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+        return value
+
+
+def etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match names this ETag (weak or strong) or is *."""
+    tags = [tag.strip() for tag in header.split(",")]
+    return "*" in tags or any(tag.removeprefix("W/") == etag for tag in tags)
 
 
 # ---------------------------------------------------------------------------
@@ -3606,13 +4420,27 @@ def conversation_list(rq):
     # Taken before the query: a change while it runs shows in the next list.
     bottle.response.set_header("X-Nextcloud-Talk-Modified-Before", str(rq.now))
     with_talk_hash(rq)
+    include_status = rq.boolean("includeStatus", False)
     answers = []
     with rq.talk.db.read() as db:
         for room in rooms_with(db, rq.actor.user_id):
             answer, mine = conversation_parts(rq, db, room)
-            if not since or changed_since(room, answer, mine, since):
+            # With includeStatus every one-to-one room comes (its partner's status may change).
+            one_to_one = include_status and room["type"] == ROOM_ONE_TO_ONE
+            if not since or one_to_one or changed_since(room, answer, mine, since):
                 answers.append(answer)
+        if include_status:
+            add_statuses(db, answers, rq.now)
     return answers
+
+
+def add_statuses(db, answers, now) -> None:
+    """includeStatus: the partner's status fields on one-to-one Rooms (user_status app)."""
+    partners = [a["name"] for a in answers if a["type"] == ROOM_ONE_TO_ONE]
+    statuses = statuses_of(db, partners, now)
+    for answer in answers:
+        if answer["type"] == ROOM_ONE_TO_ONE and answer["name"] in statuses:
+            answer.update(statuses[answer["name"]])
 
 
 def conversation_name(rq, required) -> str:
@@ -3786,7 +4614,13 @@ def attendee_list(rq, token):
             fail(412, "The lobby is active")
         rows = participants_of(db, room["id"])
         sessions = sessions_of_room(db, room["id"])
-    return [attendee_json(room, row, sessions, rq.now) for row in rows]
+        answer = [attendee_json(room, row, sessions, rq.now) for row in rows]
+        if rq.boolean("includeStatus", False):
+            statuses = statuses_of(db, [r["actorId"] for r in answer if r["actorType"] == "users"], rq.now)
+            for row in answer:
+                if row["actorType"] == "users":
+                    row.update(statuses.get(row["actorId"], {}))
+    return answer
 
 
 def attendee_add(rq, token):
@@ -3883,6 +4717,7 @@ def capabilities_document(talk) -> dict:
         },
         "capabilities": {
             "core": {"pollinterval": 60, "webdav-root": "remote.php/webdav"},
+            "user_status": {"enabled": True, "restore": False, "supports_emoji": True},
             "spreed": {
                 "features": list(FEATURES),
                 "features-local": [],
@@ -4557,10 +5392,310 @@ def login_v1_grant(rq, login_token):
 
 
 # ---------------------------------------------------------------------------
+# Routes: Avatars (users and guests: Nextcloud core; conversations: spreed
+# docs/avatar.md)
+# ---------------------------------------------------------------------------
+
+
+def avatar_png(talk, display_name: str, size: int, dark: bool) -> Binary:
+    """A generated avatar, from the app's cache: the same initial, colour and
+    size give the same image, so one entry serves every name that shares them."""
+    initial = avatar_initial(display_name)
+    color = avatar_color(display_name, dark)
+    key = (initial, color, size)
+    body = talk.avatars.get(key, lambda: render_avatar(initial, color, size))
+    tag = hashlib.sha1(repr(key).encode("utf-8")).hexdigest()[:20]
+    return Binary(body, "image/png", f'"{tag}"')
+
+
+def is_true(value) -> bool:
+    return value in ("1", "true", "True", True, 1)
+
+
+def user_avatar(rq, user, size, dark=False):
+    """GET /index.php/avatar/{user}/{size}: a user's avatar (PNG, 16..512 px).
+
+    Served without sign-in, as Nextcloud serves it (PublicPage): whoever knows
+    a user id may see its initial and colour. Unknown users: 404 `[]`, or the
+    guest avatar with guestFallback=true (as Nextcloud).
+    """
+    with rq.talk.db.read() as db:
+        row = get_user(db, user)
+    if row is None:
+        if is_true(rq.text("guestFallback")):
+            return guest_avatar(rq, user, size, dark)
+        fail(404, "User not found")
+    return avatar_png(rq.talk, row["display_name"], clamp_avatar_size(size), dark)
+
+
+def user_avatar_dark(rq, user, size):
+    """GET /index.php/avatar/{user}/{size}/dark: a user's avatar for dark themes."""
+    return user_avatar(rq, user, size, dark=True)
+
+
+def guest_avatar(rq, name, size, dark=False):
+    """GET /index.php/avatar/guest/{name}/{size}: a guest's avatar from the name it chose."""
+    return avatar_png(rq.talk, name, clamp_avatar_size(size), dark)
+
+
+def guest_avatar_dark(rq, name, size):
+    """GET /index.php/avatar/guest/{name}/{size}/dark: a guest's avatar for dark themes."""
+    return guest_avatar(rq, name, size, dark=True)
+
+
+def refuse_fixed_avatar(room) -> None:
+    """Set conversations avatar: 400 in one-to-one rooms (they show the other user)."""
+    if room["type"] in AVATAR_FIXED_TYPES:
+        message = "One-to-one rooms always need to show the other users avatar"
+        fail(400, message, {"message": message})
+
+
+def room_avatar_get(rq, token, dark=False):
+    """GET /room/{token}/avatar: Get conversations avatar (binary)."""
+    partner = None
+    with rq.talk.db.read() as db:
+        room, _ = room_for(db, rq.actor, token, SEE)
+        fields = room_avatar_fields(db, room["id"])
+        image = room_avatar_image(db, room["id"]) if fields["avatar_type"] != "emoji" else None
+        if fields["type"] in AVATAR_FIXED_TYPES:
+            partner = other_user_of(db, room["id"], rq.actor.user_id)
+    partner_name = partner["display_name"] if partner is not None else ""
+    version = room_avatar_json(fields, partner_name)["avatarVersion"]
+    etag = f'"{room["token"]}-{version}-{int(dark)}"'
+    if fields["avatar_type"] == "emoji":
+        color = fields["avatar_color"] or AVATAR_DEFAULT_COLORS[dark]
+        emoji = bytes(fields["avatar"] or b"").decode("utf-8", "replace")
+        return Binary(emoji_svg(emoji, color), "image/svg+xml", etag)
+    if fields["avatar_type"] and image is not None:
+        return Binary(image, fields["avatar_type"], etag)
+    if partner is not None:
+        return avatar_png(rq.talk, partner_name, AVATAR_SIZE_MAX, dark)
+    return Binary(default_room_svg(fields["type"], dark), "image/svg+xml", etag)
+
+
+def room_avatar_get_dark(rq, token):
+    """GET /room/{token}/avatar/dark: Get dark mode conversations avatar (binary)."""
+    return room_avatar_get(rq, token, dark=True)
+
+
+def room_avatar_upload(rq, token):
+    """POST /room/{token}/avatar: Set conversations avatar (multipart `file`)."""
+    with rq.talk.db.read() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        refuse_fixed_avatar(room)
+    upload = rq.upload("file")
+    if upload is None:
+        fail(400, "No image file provided", {"message": "No image file provided"})
+    content_type = checked_avatar_image(upload)  # outside the write turn: CRCs of megabytes
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        refuse_fixed_avatar(room)
+        set_room_avatar(db, room["id"], content_type, image=upload.data)
+        return conversation_answer(rq, db, room_by_id(db, room["id"]))
+
+
+def room_avatar_emoji(rq, token):
+    """POST /room/{token}/avatar/emoji: Set emoji as avatar (`emoji`, `color`)."""
+    emoji = rq.text("emoji", "")
+    color = rq.text("color") or ""  # omitted or null: Talk's bright or dark grey
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        refuse_fixed_avatar(room)
+        if not is_single_emoji(emoji):
+            fail(400, "Invalid emoji character", {"message": "Invalid emoji character"})
+        if color and not re.fullmatch(r"[0-9a-fA-F]{6}", color):
+            fail(400, "Invalid background color", {"message": "Invalid background color"})
+        set_room_avatar(db, room["id"], "emoji", emoji=emoji, color=color.lower())
+        return conversation_answer(rq, db, room_by_id(db, room["id"]))
+
+
+def room_avatar_delete(rq, token):
+    """DELETE /room/{token}/avatar: Delete conversations avatar."""
+    with rq.talk.db.write() as db:
+        room, _ = room_for(db, rq.actor, token, MODERATE)
+        delete_room_avatar(db, room["id"])
+        return conversation_answer(rq, db, room_by_id(db, room["id"]))
+
+
+# ---------------------------------------------------------------------------
+# Routes: User status (Nextcloud's user_status app, api/v1)
+# ---------------------------------------------------------------------------
+
+
+def clear_at_param(rq) -> int | None:
+    """clearAt: a unix time in the future, or none (absent, empty, 0); else 400."""
+    clear_at = rq.integer("clearAt")
+    if not clear_at:
+        return None
+    if clear_at < rq.now:
+        fail(400, "clearAt is in the past")
+    return clear_at
+
+
+def own_status(rq, db) -> dict:
+    me = rq.actor.user_id
+    return private_status_json(status_row(db, me), me, rq.now)
+
+
+def user_status_get(rq):
+    """GET /user_status: Get the status of the current user (offline when never set)."""
+    with rq.talk.db.read() as db:
+        return own_status(rq, db)
+
+
+def user_status_set_type(rq):
+    """PUT /user_status/status: Update the status type of the current user."""
+    status = rq.text("statusType", required=True)
+    if status not in STATUS_TYPES:
+        fail(400, f"statusType must be one of {', '.join(STATUS_TYPES)}")
+    with rq.talk.db.write() as db:
+        set_status_type(db, rq.actor.user_id, status, rq.now, user_defined=True)
+        return own_status(rq, db)
+
+
+def user_status_set_custom(rq):
+    """PUT /user_status/message/custom: Set a custom message (`statusIcon`, `message`, `clearAt`)."""
+    icon = rq.text("statusIcon") or ""
+    message = rq.text("message") or ""
+    clear_at = clear_at_param(rq)
+    if len(message) > STATUS_MESSAGE_MAX:
+        fail(400, f"Message is longer than {STATUS_MESSAGE_MAX} characters")
+    if icon and not is_single_emoji(icon):
+        fail(400, "statusIcon must be one emoji")
+    with rq.talk.db.write() as db:
+        if message or clear_at:
+            set_status_message(db, rq.actor.user_id, message, icon, None, clear_at)
+        else:  # nothing to show: the user_status app clears the message
+            ensure_status_row(db, rq.actor.user_id)
+            clear_status_message(db, rq.actor.user_id)
+        return own_status(rq, db)
+
+
+def user_status_set_predefined(rq):
+    """PUT /user_status/message/predefined: Set a predefined message (`messageId`, `clearAt`)."""
+    message_id = rq.text("messageId", required=True)
+    clear_at = clear_at_param(rq)
+    if message_id not in PREDEFINED_BY_ID:
+        fail(400, "messageId is not a predefined status")
+    with rq.talk.db.write() as db:
+        set_status_message(db, rq.actor.user_id, "", "", message_id, clear_at)
+        return own_status(rq, db)
+
+
+def user_status_clear_message(rq):
+    """DELETE /user_status/message: Clear the message of the current user."""
+    with rq.talk.db.write() as db:
+        clear_status_message(db, rq.actor.user_id)
+    return []
+
+
+def predefined_statuses(rq):
+    """GET /predefined_statuses: the predefined messages."""
+    return [predefined_status_json(entry) for entry in PREDEFINED_STATUSES]
+
+
+def statuses_list(rq):
+    """GET /statuses: Find statuses of users (`limit` at most 200, `offset`)."""
+    limit = min(max(rq.integer("limit", STATUS_LIST_MAX), 1), STATUS_LIST_MAX)
+    offset = rq.integer("offset", 0, minimum=0)
+    with rq.talk.db.read() as db:
+        rows = list_status_rows(db, limit, offset)
+    return [public_status_json(row, rq.now) for row in rows]
+
+
+def statuses_get(rq, user_id):
+    """GET /statuses/{userId}: Find the status of a user (404 when it has none)."""
+    with rq.talk.db.read() as db:
+        row = status_row(db, user_id)
+    if row is None:
+        fail(404, "No status for the requested userId")
+    return public_status_json(row, rq.now)
+
+
+def user_status_heartbeat(rq):
+    """PUT /heartbeat: the client is online or away (`status`).
+
+    A status the user chose stays (away, dnd, invisible, offline; online is
+    kept alive); otherwise the heartbeat's becomes the automatic status.
+    """
+    status = rq.text("status", required=True)
+    if status not in HEARTBEAT_TYPES:
+        fail(400, "status must be online or away")
+    me, now = rq.actor.user_id, rq.now
+    with rq.talk.db.write() as db:
+        shown = own_status(rq, db)
+        if shown["statusIsUserDefined"]:
+            touch_status(db, me, now)
+        else:
+            set_status_type(db, me, status, now, user_defined=False)
+        return own_status(rq, db)
+
+
+# ---------------------------------------------------------------------------
+# Routes: User search for invitations (Nextcloud core autocomplete)
+# ---------------------------------------------------------------------------
+
+
+def autocomplete_get(rq):
+    """GET /core/autocomplete/get: Find users and groups to invite (`search`,
+    `itemType`, `itemId`, `shareTypes[]` 0 users / 1 groups, `limit`, `offset`).
+
+    Never the caller; with itemType=call the members of room itemId are left
+    out, but only when the caller is in that room (else nobody learns who is).
+    Groups: the caller's own, or all for administrators.
+    """
+    search = rq.text("search", "").strip()
+    limit = min(max(rq.integer("limit", AUTOCOMPLETE_DEFAULT_LIMIT), 1), AUTOCOMPLETE_MAX_LIMIT)
+    offset = rq.integer("offset", 0, minimum=0)
+    share_types = {int(t) for t in rq.texts("shareTypes") if t.strip().isdigit()}
+    if not rq.has("shareTypes[]") and not rq.has("shareTypes"):
+        share_types = {SHARE_TYPE_USER}
+    me = rq.actor.user_id
+    wanted = search.lower()
+    with rq.talk.db.read() as db:
+        exclude = {me}
+        if rq.text("itemType") == "call" and rq.text("itemId"):
+            room = room_by_token(db, rq.text("itemId"))
+            if room is not None and participant_of(db, room["id"], me) is not None:
+                exclude |= user_ids_in_room(db, room["id"])
+        users, groups = [], []
+        if SHARE_TYPE_USER in share_types:
+            users = [row for row in search_users(db, search) if row["id"] not in exclude]
+        if SHARE_TYPE_GROUP in share_types:
+            mine = None if is_admin(db, me) else set(groups_of(db, me))
+            groups = [g for g in list_groups(db, search) if mine is None or g in mine]
+
+        def exact(row):
+            return wanted in (row["id"].lower(), row["display_name"].lower(), row["email"].lower())
+
+        ranked = (
+            [("user", row) for row in users if exact(row)]
+            + [("group", g) for g in groups if g.lower() == wanted]
+            + [("user", row) for row in users if not exact(row)]
+            + [("group", g) for g in groups if g.lower() != wanted]
+        )[offset : offset + limit]
+        page_users = [row["id"] for kind, row in ranked if kind == "user"]
+        statuses = {row["user_id"]: public_status_json(row, rq.now) for row in status_rows(db, page_users)}
+    answer = []
+    for kind, item in ranked:
+        if kind == "user":
+            status = statuses.get(item["id"])
+            if status is not None:
+                status = {key: status[key] for key in ("status", "message", "icon", "clearAt")}
+            answer.append(autocomplete_user_json(item, status))
+        else:
+            answer.append(autocomplete_group_json(item))
+    return answer
+
+
+# ---------------------------------------------------------------------------
 # The app factory
 # ---------------------------------------------------------------------------
 
-PUBLIC, USERS = "public", "users"
+# Who may call: USERS need Basic auth; PUBLIC also takes guests (cookie) and
+# nobody; IMAGE is PUBLIC without the OCS-APIRequest header (an <img> cannot
+# send it, and reading a picture changes nothing) and answers Binary.
+PUBLIC, USERS, IMAGE = "public", "users", "image"
 
 # One table per API generation and prefix: (method, path under the prefix,
 # handler, who may call it). ROUTE_TABLES says where each is served and which
@@ -4689,12 +5824,56 @@ PAGE_ROUTES = [
 ]
 
 
+# Conversation avatars, under the Talk API (spreed docs/avatar.md)
+AVATAR_ROUTES = [
+    ("GET", "/room/<token>/avatar", room_avatar_get, IMAGE),
+    ("GET", "/room/<token>/avatar/dark", room_avatar_get_dark, IMAGE),
+    ("POST", "/room/<token>/avatar", room_avatar_upload, PUBLIC),
+    ("POST", "/room/<token>/avatar/emoji", room_avatar_emoji, PUBLIC),
+    ("DELETE", "/room/<token>/avatar", room_avatar_delete, PUBLIC),
+]
+
+# Handlers that take bodies over max_body (uploads), with their own limit.
+LARGE_BODIES = {room_avatar_upload: AVATAR_BODY_MAX}
+
+# User and guest avatars: plain pages, not OCS (method, full path, handler).
+# Guests first, and sizes only digits, so /avatar/guest/Bo/64 is guest "Bo"
+# while /avatar/guest/64/dark stays user "guest" at 64 px, dark.
+AVATAR_SIZE = r"<size:re:\d{1,9}>"
+USER_AVATAR_ROUTES = [
+    ("GET", f"/index.php/avatar/guest/<name>/{AVATAR_SIZE}", guest_avatar),
+    ("GET", f"/index.php/avatar/guest/<name>/{AVATAR_SIZE}/dark", guest_avatar_dark),
+    ("GET", f"/index.php/avatar/<user>/{AVATAR_SIZE}", user_avatar),
+    ("GET", f"/index.php/avatar/<user>/{AVATAR_SIZE}/dark", user_avatar_dark),
+]
+
+# The user_status app (/ocs/v{1,2}.php/apps/user_status/api/v1)
+USER_STATUS_ROUTES = [
+    ("GET", "/user_status", user_status_get, USERS),
+    ("PUT", "/user_status/status", user_status_set_type, USERS),
+    ("PUT", "/user_status/message/custom", user_status_set_custom, USERS),
+    ("PUT", "/user_status/message/predefined", user_status_set_predefined, USERS),
+    ("DELETE", "/user_status/message", user_status_clear_message, USERS),
+    ("GET", "/predefined_statuses", predefined_statuses, USERS),
+    ("GET", "/statuses", statuses_list, USERS),
+    ("GET", "/statuses/<user_id>", statuses_get, USERS),
+    ("PUT", "/heartbeat", user_status_heartbeat, USERS),
+]
+
+# User search for invitations (/ocs/v{1,2}.php/core/autocomplete)
+AUTOCOMPLETE_ROUTES = [
+    ("GET", "/get", autocomplete_get, USERS),
+]
+
 # (prefix, generation, table)
 ROUTE_TABLES = [
     (API_PREFIX, 1, ROUTES),
     (API_V4_PREFIX, 4, ROUTES_V4),
     (CLOUD_PREFIX, 1, CLOUD_ROUTES),
     (CORE_PREFIX, 1, SIGNIN_ROUTES),
+    (API_PREFIX, 4, AVATAR_ROUTES),
+    (USER_STATUS_PREFIX, 4, USER_STATUS_ROUTES),
+    (AUTOCOMPLETE_PREFIX, 4, AUTOCOMPLETE_ROUTES),
 ]
 
 
@@ -4747,6 +5926,7 @@ class Talk:
             raise ValueError("durability must be full or normal")
         self.db = Database(db_path, durability)
         self.room_lists: dict[tuple, list] = {}  # GET /room answers, see room_list
+        self.avatars = BoundedCache(AVATAR_CACHE_ENTRIES)  # generated PNGs, see avatar_png
         self.clock = clock
         self.threads = threads
         if reserve is None:  # small pools (tests, embedding) keep a quarter back
@@ -4803,8 +5983,42 @@ class Talk:
         self.db.close()
 
 
-def ocs_callback(talk, handler, who, generation=1):
+def binary_answer(result: Binary) -> bytes:
+    """Send an image: revalidated on every use (ETag; If-None-Match gives 304)."""
+    response = bottle.response
+    response.set_header("Cache-Control", "no-cache")
+    response.set_header("X-Content-Type-Options", "nosniff")
+    response.set_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'")
+    if result.etag:
+        response.set_header("ETag", result.etag)
+        if etag_matches(bottle.request.get_header("If-None-Match", ""), result.etag):
+            response.status = 304
+            return b""
+    response.content_type = result.content_type
+    return result.body
+
+
+def image_callback(talk, handler):
+    """Wrap a plain (not OCS) image handler: errors answer `[]` as Nextcloud's do."""
+
+    def wrapper(**url_args):
+        try:
+            rq = Call(talk, Actor(), query_params(bottle.request.query), 2)
+            result = handler(rq, **url_args)
+        except OCSError as error:
+            bottle.response.status = error.status
+            bottle.response.content_type = "application/json; charset=utf-8"
+            return b"[]"
+        return binary_answer(result)
+
+    wrapper.__name__ = handler.__name__
+    wrapper.__doc__ = handler.__doc__
+    return wrapper
+
+
+def ocs_callback(talk, handler, who, generation=1, max_body=None):
     """Wrap a handler: auth, CSRF, parameters, errors and the envelope, in one place."""
+    max_body = talk.max_body if max_body is None else max_body
 
     def wrapper(ocs, **url_args):
         request = bottle.request
@@ -4812,15 +6026,15 @@ def ocs_callback(talk, handler, who, generation=1):
         version = int(ocs)
         fmt = format_from_accept(environ)
         try:
-            query = {key: request.query.getunicode(key) for key in request.query.keys()}
+            query = query_params(request.query)
             fmt = query.get("format") or fmt
-            body = read_body(environ, talk.max_body)
+            body = read_body(environ, max_body)
             fmt = body.get("format") if isinstance(body.get("format"), str) else fmt
             if fmt not in ("json", "xml"):
                 fmt = "json"
                 fail(400, "format must be json or xml")
             actor = authenticate(talk, environ, need_user=(who == USERS))
-            if not csrf_ok(environ):
+            if who != IMAGE and not csrf_ok(environ):
                 raise CSRFError()
             result = handler(Call(talk, actor, {**query, **body}, version), **url_args)
         except (OCSError, Refused) as error:
@@ -4839,6 +6053,8 @@ def ocs_callback(talk, handler, who, generation=1):
             # A row this request relied on went meanwhile (say, its user was
             # deleted by the command line within the credential recheck).
             return envelope(version, fmt, 409, [], "Conflict with a concurrent change; try again")
+        if isinstance(result, Binary):
+            return binary_answer(result)
         if isinstance(result, Reply):
             return envelope(version, fmt, result.status, result.data)
         return envelope(version, fmt, 200, result)
@@ -4902,9 +6118,13 @@ def make_app(db_path, **options) -> bottle.Bottle:
     app.talk = talk
     for prefix, generation, table in ROUTE_TABLES:
         for method, path, handler, who in table:
-            app.route(prefix + path, method, ocs_callback(talk, handler, who, generation))
+            max_body = max(talk.max_body, LARGE_BODIES.get(handler, 0))
+            callback = ocs_callback(talk, handler, who, generation, max_body)
+            app.route(prefix + path, method, callback)
     for method, path, handler, kind in PAGE_ROUTES:
         app.route(path, method, page_callback(talk, handler, kind))
+    for method, path, handler in USER_AVATAR_ROUTES:
+        app.route(path, method, image_callback(talk, handler))
     app.route("/status.php", "GET", status_php)
     app.route("/", "GET", static_file)
     app.route("/static/<path:path>", "GET", static_file)

@@ -30,6 +30,9 @@ SECTIONS = {
     id(talk_server.ROUTES): "## What is implemented",
     id(talk_server.CLOUD_ROUTES): "## What is implemented",
     id(talk_server.SIGNIN_ROUTES): "## What is implemented",
+    id(talk_server.AVATAR_ROUTES): "## What is implemented",
+    id(talk_server.USER_STATUS_ROUTES): "## What is implemented",
+    id(talk_server.AUTOCOMPLETE_ROUTES): "## What is implemented",
     id(talk_server.ROUTES_V4): "### Today's API: conversations and participants (v4)",
 }
 
