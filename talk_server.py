@@ -3703,10 +3703,13 @@ class Rooms:
             set_room_password(db, room["id"], password_hash)
         return room
 
-    def delete(self, actor, token) -> None:
-        """Delete a room (moderators): everyone waiting in it is answered."""
+    def delete(self, actor, token, one_to_one=True) -> None:
+        """Delete a room (moderators): everyone waiting in it is answered.
+        Today's routes refuse one-to-one rooms (one leaves them instead)."""
         with self.talk.db.write() as db:
             room, _ = room_for(db, actor, token, MODERATE)
+            if room["type"] == ROOM_ONE_TO_ONE and not one_to_one:
+                raise Refused("one-to-one")
             delete_room(db, room["id"])
         self.talk.room_changed(room["id"], chat=True)
 
@@ -4508,6 +4511,12 @@ def conversation_get(rq, token):
 def conversation_rename(rq, token):
     """PUT /room/{token}: Rename a conversation."""
     rq.talk.rooms.rename(rq.actor, token, rq.params.get("roomName"), ROOM_NAME_MAX_V4)
+    return []
+
+
+def conversation_delete(rq, token):
+    """DELETE /room/{token}: Delete a conversation; a one-to-one is 400 (leave it)."""
+    rq.talk.rooms.delete(rq.actor, token, one_to_one=False)
     return []
 
 
@@ -5771,7 +5780,7 @@ ROUTES_V4 = [
     ("GET", "/listed-room", conversation_listed, USERS),
     ("GET", "/room/<token>", conversation_get, PUBLIC),
     ("PUT", "/room/<token>", conversation_rename, USERS),
-    ("DELETE", "/room/<token>", room_delete, USERS),  # the same rule and answer
+    ("DELETE", "/room/<token>", conversation_delete, USERS),
     ("PUT", "/room/<token>/description", conversation_description, USERS),
     ("PUT", "/room/<token>/password", room_set_password, USERS),
     ("POST", "/room/<token>/public", conversation_make_public, USERS),

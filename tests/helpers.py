@@ -1,5 +1,10 @@
 """Shared steps of the room and participant tests: one call each, status checked."""
 
+import http.cookiejar
+import re
+import urllib.parse
+import urllib.request
+
 CLOUD = "/ocs/v2.php/cloud"
 
 
@@ -91,3 +96,40 @@ def _room_with(owner, room_type, name, members):
     for member in members:
         add(owner, token, member.user)
     return token
+
+
+# --- Sign-in pages over real HTTP (as a browser submits them) -----------------
+
+
+def form_field(page_text, name):
+    match = re.search(rf'name="{name}" value="([^"]*)"', page_text)
+    assert match, f"no {name} field in the page"
+    return match.group(1)
+
+
+def form_action(page_text):
+    return re.search(r'<form method="post" action="([^"]+)"', page_text).group(1)
+
+
+def grant_in_browser(login_url, user, password):
+    """A browser on a login flow's `login` URL: its own cookies, plain HTML forms,
+    sign in, then grant. Answers the grant page's text."""
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+    )
+    base = "{0.scheme}://{0.netloc}".format(urllib.parse.urlsplit(login_url))
+    page = opener.open(login_url).read().decode()
+    fields = {
+        "user": user,
+        "password": password,
+        "requesttoken": form_field(page, "requesttoken"),
+        "redirect_url": form_field(page, "redirect_url"),
+    }
+    grant = opener.open(base + form_action(page), urllib.parse.urlencode(fields).encode())
+    grant = grant.read().decode()
+    done = opener.open(
+        base + form_action(grant),
+        urllib.parse.urlencode({"requesttoken": form_field(grant, "requesttoken")}).encode(),
+    )
+    assert "Access granted" in done.read().decode()
+    return grant

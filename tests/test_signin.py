@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 import webtest
 from conftest import CLOUD, PASSWORD
+from helpers import form_action, form_field
 
 import talk_server
 
@@ -27,16 +28,6 @@ def app_password_of(make_client, user="bob", agent="Talk (Android)"):
     client = make_client(user, prefix=CORE)
     answer = client.get("/getapppassword", headers={"User-Agent": agent}, status=200)
     return answer.data["apppassword"]
-
-
-def form_field(page_text, name):
-    match = re.search(rf'name="{name}" value="([^"]*)"', page_text)
-    assert match, f"no {name} field in the page"
-    return match.group(1)
-
-
-def form_action(page_text):
-    return re.search(r'<form method="post" action="([^"]+)"', page_text).group(1)
 
 
 @pytest.fixture
