@@ -158,6 +158,23 @@ FEATURES = FEATURES_2018 + [
     "invite-groups-and-mails",
     "locked-one-to-one-rooms",
     "force-mute",  # moderators' mute travels as a relayed signaling message
+    # Today's chat (docs/chat.md, reaction.md, poll.md)
+    "chat-v2",
+    "system-messages",
+    "mention-flag",
+    "chat-read-marker",
+    "chat-read-last",
+    "chat-unread",
+    "chat-read-status",
+    "chat-reference-id",
+    "chat-replies",
+    "chat-get-context",
+    "silent-send",
+    "delete-messages",
+    "edit-messages",
+    "clear-history",
+    "reactions",
+    "talk-polls",
 ]
 # Today's apps refuse old servers: Android wants at least 17, Talk Desktop 27.
 NEXTCLOUD_VERSION = (31, 0, 0, 0)
@@ -2925,12 +2942,24 @@ def read_body(environ, max_body):
         return body
     if ctype in ("", "application/x-www-form-urlencoded", "text/plain"):
         try:
-            return dict(parse_qsl(text, keep_blank_values=True, errors="strict"))
+            return form_fields(parse_qsl(text, keep_blank_values=True, errors="strict"))
         except ValueError:
             fail(400, "Malformed form body")
     if ctype.startswith("multipart/"):
         fail(400, "Multipart bodies are not supported; send a form or JSON")
     fail(400, f"Unsupported content type {ctype}")
+
+
+def form_fields(pairs) -> dict:
+    """Form fields as a dict: the last of repeated names, but `name[]=a&name[]=b`
+    as the list `name` (poll options and votes, as the apps send them)."""
+    fields: dict = {}
+    for name, value in pairs:
+        if name.endswith("[]"):
+            fields.setdefault(name[:-2], []).append(value)
+        else:
+            fields[name] = value
+    return fields
 
 
 def text_value(name, value, default=None, required=False) -> str | None:
@@ -4103,13 +4132,26 @@ def call_leave(rq, token):
 
 
 # ---------------------------------------------------------------------------
-# Routes, API v1 (2018): Chat
+# Routes, API v1: Chat (2018, and today's with lookIntoFuture, SPEC 11)
 # ---------------------------------------------------------------------------
 
 
-@long_poll(lambda query: query_integer(query, "timeout", CHAT_DEFAULT_TIMEOUT) > 0)
+def legacy_waits(query) -> bool:
+    """Whether a chat receive may wait: the 2018 form unless timeout=0, today's
+    form only looking into the future with a timeout (read as the handler does)."""
+    if "lookIntoFuture" in query:
+        return (
+            query_integer(query, "lookIntoFuture", 0) == 1
+            and query_integer(query, "timeout", CHAT_DEFAULT_TIMEOUT) > 0
+        )
+    return query_integer(query, "timeout", CHAT_DEFAULT_TIMEOUT) > 0
+
+
+@long_poll(legacy_waits)
 def chat_receive(rq, token):
-    """GET /chat/{token}: Receive chat messages of a room."""
+    """GET /chat/{token}: Receive chat messages of a room (today's form with lookIntoFuture)."""
+    if rq.has("lookIntoFuture"):
+        return chat_receive_modern(rq, token)
     offset = rq.integer("offset", 0, minimum=0)
     since = rq.integer("notOlderThanTimestamp", 0, minimum=0)
     timeout = min(rq.integer("timeout", CHAT_DEFAULT_TIMEOUT, minimum=0), CHAT_MAX_TIMEOUT)
@@ -4124,7 +4166,7 @@ def chat_receive(rq, token):
             with talk.db.read() as db:
                 if waited:  # the room may have gone, or the caller with it
                     room, _ = room_for(db, rq.actor, token, CHAT)
-                start, rows = messages_after(db, room["id"], offset, since, CHAT_PAGE_MAX)
+                start, rows = messages_after(db, room["id"], offset, since, CHAT_PAGE_MAX, rq.now)
             left = (deadline - time.monotonic()) / talk.notifier.time_scale
             if rows or last_look or left <= 0 or talk.notifier.closed:
                 break
@@ -4154,29 +4196,568 @@ def messages_in_news(news, start) -> list:
     return fresh[:CHAT_PAGE_MAX]
 
 
+def future_in_news(news, last_seq) -> list:
+    """Today's waiting receive answers from the news when it continues the
+    room exactly after seq `last_seq` and nothing else happened (None)."""
+    if not news or any(item is None for item in news):
+        return []
+    fresh = sorted((row for row in news if row["seq"] > last_seq), key=lambda row: row["seq"])
+    if not fresh or [row["seq"] for row in fresh] != list(
+        range(last_seq + 1, last_seq + 1 + len(fresh))
+    ):
+        return []
+    return fresh
+
+
+def clamp(value, low, high):
+    return max(low, min(value, high))
+
+
+def chat_answer(rq, db, room, rows) -> list:
+    """Rows as today's message objects for the caller, with parents and own reactions."""
+    now = rq.now
+    parents = messages_by_ids(db, [r["parent_id"] for r in rows if r["parent_id"]]) if db else {}
+    actor_type, actor_id = caller_actor(rq, db, room)
+    reacted = [r["id"] for r in rows if r["reactions"] != "{}"]
+    own = own_reactions(db, actor_type, actor_id, reacted) if reacted and db else {}
+    return [
+        chat_message_json(row, room["token"], own.get(row["id"], []), parents.get(row["parent_id"]),
+                          now=now)
+        for row in rows
+        if not (0 < row["expires"] <= now)
+    ]
+
+
+def caller_actor(rq, db, room) -> tuple[str, str]:
+    """The caller's actor type and id in chat (guests: from their attendee row)."""
+    if rq.actor.user_id is not None:
+        return "users", rq.actor.user_id
+    return "guests", guest_actor_id(rq.actor.guest_id or "")
+
+
+def common_read_header(db, room) -> int:
+    value = last_common_read(db, room["id"])
+    bottle.response.set_header("X-Chat-Last-Common-Read", str(value))
+    return value
+
+
+def chat_receive_modern(rq, token):
+    """GET /chat/{token} with lookIntoFuture: history by id (0) or the future (1)."""
+    future = choice(rq, "lookIntoFuture", (0, 1), 0) == 1
+    limit = clamp(rq.integer("limit", CHAT_LIMIT_DEFAULT), 1, CHAT_LIMIT_MAX)
+    known = rq.integer("lastKnownMessageId", 0, minimum=0)
+    inclusive = rq.boolean("includeLastKnown", False)
+    timeout = clamp(rq.integer("timeout", CHAT_DEFAULT_TIMEOUT), 0, CHAT_MAX_TIMEOUT)
+    set_marker = rq.boolean("setReadMarker", True)
+    common_sent = rq.integer("lastCommonReadId", 0)
+    talk = rq.talk
+    with talk.db.read() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        outside_lobby(room, me, rq.now)
+    if not future:
+        with talk.db.read() as db:
+            rows = messages_page(db, room["id"], known, limit, False, inclusive)
+            return chat_reply(rq, db, room, rows, common_sent)
+    if set_marker and known > me["last_read_message"]:
+        with talk.db.write() as db:
+            set_read_marker(db, me["id"], room["id"], known)
+    deadline = time.monotonic() + timeout * talk.notifier.time_scale
+    with talk.notifier.listen(modern_chat_key(room["id"])) as waiter:
+        last_look = waited = False
+        while True:
+            with talk.db.read() as db:
+                if waited:
+                    room, _ = room_for(db, rq.actor, token, CHAT)
+                room = room_by_id(db, room["id"])
+                rows = messages_page(db, room["id"], known, limit, True, inclusive)
+                if rows:
+                    return chat_reply(rq, db, room, rows, common_sent)
+            left = (deadline - time.monotonic()) / talk.notifier.time_scale
+            if last_look or left <= 0 or talk.notifier.closed:
+                break
+            last_look = not talk.notifier.wait(waiter, left, rq.wait_cancelled)
+            waited = True
+            rows = future_in_news(talk.notifier.take_news(waiter), room["last_seq"])[:limit]
+            if rows and not any(r["parent_id"] or r["reactions"] != "{}" for r in rows):
+                return chat_reply(rq, None, room, rows, common_sent)
+    with talk.db.read() as db:
+        return chat_reply(rq, db, room, [], common_sent)
+
+
+def chat_reply(rq, db, room, rows, common_sent):
+    """The answer of a modern receive: 304 when nothing, else the messages and
+    X-Chat-Last-Given (the last fetched, before expired ones are dropped)."""
+    if not rows:
+        if common_sent and db is not None:
+            if common_read_header(db, room) != common_sent:
+                return []
+        return Reply(304, None)
+    bottle.response.set_header("X-Chat-Last-Given", str(rows[-1]["id"]))
+    if db is not None:
+        common_read_header(db, room)
+    return chat_answer(rq, db, room, rows)
+
+
+def modern_send(rq) -> bool:
+    """Whether a send comes from today's clients (a superset answer, 413 when too long)."""
+    markers = ("referenceId", "replyTo", "silent", "actorDisplayName")
+    content_type = bottle.request.environ.get("CONTENT_TYPE", "")
+    return any(rq.has(name) for name in markers) or "json" in content_type
+
+
+def parse_mentions(db, room, text) -> tuple[dict, list[str], bool]:
+    """The rich objects of a message's @mentions: (parameters, user ids, @all)."""
+    parameters, users, everyone = {}, [], False
+    numbers = {"user": 0, "guest": 0, "call": 0}
+    seen = set()
+    guests = None
+    for match in MENTION.finditer(text):
+        for name, _ in mention_candidates(match):
+            if name in seen:
+                break
+            found = None
+            if name == "all":
+                found = ("call", {"type": "call", "id": room["token"],
+                                  "name": room["name"], "call-type": call_type(room)})
+                everyone = True
+            elif name.startswith("guest/"):
+                if guests is None:
+                    guests = {guest_actor_id(r["guest_id"]): r for r in participants_of(db, room["id"])
+                              if r["guest_id"] is not None}
+                row = guests.get(name[6:])
+                if row is not None:
+                    found = ("guest", {"type": "guest", "id": name, "name": row["guest_name"]})
+            else:
+                user = get_user(db, name)
+                if user is not None:
+                    found = ("user", {"type": "user", "id": user["id"], "name": user["display_name"]})
+                    users.append(user["id"])
+            if found is not None:
+                seen.add(name)
+                kind, value = found
+                numbers[kind] += 1
+                parameters[f"mention-{kind}{numbers[kind]}"] = value
+                break
+    return parameters, users, everyone
+
+
+def call_type(room) -> str:
+    return {ROOM_ONE_TO_ONE: "one2one", ROOM_PUBLIC: "public"}.get(room["type"], "group")
+
+
+def may_write(room, me, now) -> None:
+    """Chat writes: the lobby (412), read-only rooms and the chat permission (403)."""
+    outside_lobby(room, me, now)
+    if room["read_only"]:
+        fail(403, "The conversation is read-only")
+    if not effective_permissions(room, me) & PERM_CHAT:
+        fail(403, "You may not chat in this conversation")
+
+
 def chat_send(rq, token):
-    """POST /chat/{token}: Sending a new chat message."""
+    """POST /chat/{token}: Sending a new chat message (replyTo, referenceId, silent)."""
+    modern = modern_send(rq)
     message = (rq.text("message", "") or "").strip()
+    reference_id = rq.text("referenceId", "") or ""
+    if len(reference_id) > REFERENCE_ID_MAX:
+        fail(400, f"referenceId is longer than {REFERENCE_ID_MAX} characters")
+    reply_to = rq.integer("replyTo", 0, minimum=0)
+    silent = rq.boolean("silent", False)
+    guest_name = (rq.text("actorDisplayName", "") or "").strip()[:GUEST_NAME_MAX]
     now = rq.now
     with rq.talk.db.write() as db:
         room, me = room_for(db, rq.actor, token, CHAT)
-        outside_lobby(room, me, now)
-        if room["read_only"]:
-            fail(403, "The conversation is read-only")
+        may_write(room, me, now)
         if not message:
             fail(400, "The message is empty")
         if len(message) > MESSAGE_MAX:
-            fail(400, f"The message is longer than {MESSAGE_MAX} characters")
+            fail(413 if modern else 400, f"The message is longer than {MESSAGE_MAX} characters")
+        parent = message_by_id(db, reply_to) if reply_to else None
+        if reply_to and (
+            parent is None or parent["room_id"] != room["id"]
+            or parent["message_type"] != "comment" or parent["verb"]
+        ):
+            fail(400, "replyTo must be a message of this conversation")
         if rq.actor.user_id:
-            actor_type, actor_id = "users", rq.actor.user_id
+            actor_type, actor_id, name = "users", rq.actor.user_id, ""
         else:
-            actor_type = "guests"
-            actor_id = hashlib.sha1(me["session_id"].encode()).hexdigest()
-        row = add_message(db, room["id"], actor_type, actor_id, message, now)
+            if guest_name:
+                set_guest_name(db, me["id"], guest_name)
+            actor_type, name = "guests", guest_name or me["guest_name"]
+            # The 2018 routes name a guest by its session, today's by its attendee.
+            actor_id = guest_actor_id(me["guest_id"]) if modern else (
+                hashlib.sha1(me["session_id"].encode()).hexdigest())
+        parameters, users, everyone = parse_mentions(db, room, message)
+        expires = now + room["message_expiration"] if room["message_expiration"] else 0
+        row = add_message(
+            db, room["id"], actor_type, actor_id, message, now, parameters=parameters,
+            actor_name=name, reference_id=reference_id, parent_id=reply_to,
+            silent=silent, expires=expires,
+        )
+        mark_mentions(db, room["id"], row["id"], users, everyone, me["id"])
+        set_read_marker(db, me["id"], room["id"], row["id"], row["legacy_seq"])
         touch(db, me["id"], now)
-        mark_activity(db, room["id"], now)
-    rq.talk.notifier.notify(chat_key(room["id"]), news=row)
-    return Reply(201, message_json(row, room["token"]))
+        common = last_common_read(db, room["id"]) if modern else 0
+    if expires:
+        rq.talk.expire_at(expires)
+    rq.talk.chat_posted(room["id"], row)
+    if not modern:
+        return Reply(201, message_json(row, room["token"]))
+    bottle.response.set_header("X-Chat-Last-Common-Read", str(common))
+    return Reply(201, chat_message_json(row, room["token"], [], parent, now=now))
+
+
+def message_id_of(value) -> int:
+    """A message or poll id from the URL (404 unless a positive integer)."""
+    if not re.fullmatch(r"[0-9]{1,18}", value or ""):
+        fail(404, "Message not found")
+    return int(value)
+
+
+def own_message(rq, me, row) -> bool:
+    """Whether the caller wrote the message (guests under either of their ids)."""
+    if rq.actor.user_id is not None:
+        return row["actor_type"] == "users" and row["actor_id"] == rq.actor.user_id
+    ids = {guest_actor_id(me["guest_id"]), hashlib.sha1(me["session_id"].encode()).hexdigest()}
+    return row["actor_type"] == "guests" and row["actor_id"] in ids
+
+
+def changeable_message(rq, db, token, message_id, max_age):
+    """The room, the caller's row and a comment the caller may edit or delete
+    (docs/chat.md): own, or a moderator's outside one-to-ones, not too old."""
+    room, me = room_for(db, rq.actor, token, CHAT)
+    may_write(room, me, rq.now)
+    row = message_by_id(db, message_id)
+    if row is None or row["room_id"] != room["id"]:
+        fail(404, "Message not found")
+    if row["message_type"] != "comment" or row["verb"]:
+        fail(405, "Only chat messages can be changed")
+    moderator = me["participant_type"] in MODERATOR_TYPES and room["type"] != ROOM_ONE_TO_ONE
+    if not own_message(rq, me, row) and not moderator:
+        fail(403, "You may change only your own messages")
+    if rq.now - row["timestamp"] > max_age:
+        fail(400, "The message is too old to change")
+    return room, me, row
+
+
+def chat_edit(rq, token, message_id):
+    """PUT /chat/{token}/{messageId}: Edit a message (answers the message_edited system message)."""
+    message_id = message_id_of(message_id)
+    text = (rq.text("message", "") or "").strip()
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me, row = changeable_message(rq, db, token, message_id, EDIT_MAX_AGE)
+        if not text:
+            fail(400, "The message is empty")
+        if len(text) > MESSAGE_MAX:
+            fail(413, f"The message is longer than {MESSAGE_MAX} characters")
+        parameters, users, everyone = parse_mentions(db, room, text)
+        author = speaker(rq.actor, me)
+        edit_message(db, message_id, text, parameters, author, now)
+        mark_mentions(db, room["id"], message_id, users, everyone, me["id"])
+        system = add_system_message(db, room["id"], author, "message_edited", now=now,
+                                    parent_id=message_id)
+        edited = message_by_id(db, message_id)
+    rq.talk.chat_posted(room["id"], system, changed=True)
+    return chat_message_json(system, room["token"], parent=edited, now=now)
+
+
+def chat_delete(rq, token, message_id):
+    """DELETE /chat/{token}/{messageId}: Delete a message (answers the message_deleted system message)."""
+    message_id = message_id_of(message_id)
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me, _ = changeable_message(rq, db, token, message_id, DELETE_MAX_AGE)
+        author = speaker(rq.actor, me)
+        delete_message(db, message_id, author, now)
+        system = add_system_message(db, room["id"], author, "message_deleted", now=now,
+                                    parent_id=message_id)
+        deleted = message_by_id(db, message_id)
+    rq.talk.chat_posted(room["id"], system, changed=True)
+    return chat_message_json(system, room["token"], parent=deleted, now=now)
+
+
+def chat_clear(rq, token):
+    """DELETE /chat/{token}: Clear the history (moderators; either side of a one-to-one)."""
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        if me["participant_type"] not in MODERATOR_TYPES:
+            fail(403, "Only moderators may clear the history")
+        clear_history(db, room["id"])
+        row = add_system_message(db, room["id"], speaker(rq.actor, me), "history_cleared", now=now)
+        room = room_by_id(db, room["id"])
+        mark_all_read(db, room["id"], row["id"], room["last_legacy_seq"])
+    rq.talk.chat_posted(room["id"], row, changed=True)
+    return chat_message_json(row, room["token"], now=now)
+
+
+def chat_context(rq, token, message_id):
+    """GET /chat/{token}/{messageId}/context: The messages around one, oldest first."""
+    message_id = message_id_of(message_id)
+    limit = clamp(rq.integer("limit", CONTEXT_LIMIT_DEFAULT), 1, CONTEXT_LIMIT_MAX)
+    with rq.talk.db.read() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        outside_lobby(room, me, rq.now)
+        older = messages_page(db, room["id"], message_id, limit, False)
+        newer = messages_page(db, room["id"], message_id, limit + 1, True, inclusive=True)
+        rows = [*reversed(older), *newer]
+        if rows:
+            bottle.response.set_header("X-Chat-Last-Given", str(rows[0]["id"]))
+        common_read_header(db, room)
+        return chat_answer(rq, db, room, rows)
+
+
+def chat_mark_read(rq, token):
+    """POST /chat/{token}/read: Mark the chat read up to lastReadMessage (default: all)."""
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        marker = rq.integer("lastReadMessage", None, minimum=0)
+        if marker is None or marker >= room["last_message_id"]:
+            last = max(room["last_message_id"], me["last_read_message"])
+            set_read_marker(db, me["id"], room["id"], last, room["last_legacy_seq"])
+        else:
+            set_read_marker(db, me["id"], room["id"], marker)
+        common_read_header(db, room)
+    return read_marker_answer(rq, token)
+
+
+def chat_mark_unread(rq, token):
+    """DELETE /chat/{token}/read: Mark the chat unread (its newest comment is unread again)."""
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        count = max(room["last_legacy_seq"] - 1, 0)
+        before = legacy_message(db, room["id"], count) if count else None
+        set_read_marker(db, me["id"], room["id"], before["id"] if before else 0, count)
+        common_read_header(db, room)
+    return read_marker_answer(rq, token)
+
+
+def read_marker_answer(rq, token) -> dict:
+    """The Room after a read-marker change (today's Talk answers it)."""
+    with rq.talk.db.read() as db:
+        room, _ = room_for(db, rq.actor, token, CHAT)
+        return conversation_answer(rq, db, room)
+
+
+def chat_mentions(rq, token):
+    """GET /chat/{token}/mentions: Autocomplete suggestions for @mentions."""
+    search = (rq.text("search", "") or "").lower()
+    limit = clamp(rq.integer("limit", MENTIONS_LIMIT_DEFAULT), 1, 100)
+    with rq.talk.db.read() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        outside_lobby(room, me, rq.now)
+        rows = participants_of(db, room["id"])
+    found = []
+    if "all".startswith(search) or search in room["name"].lower():
+        found.append({"id": "all", "label": room["name"] or "all", "source": "calls",
+                      "mentionId": "all"})
+    for row in rows:
+        if row["id"] == me["id"]:
+            continue
+        if row["user_id"] is not None:
+            entry = {"id": row["user_id"], "label": row["display_name"], "source": "users",
+                     "mentionId": row["user_id"]}
+        else:
+            guest = f"guest/{guest_actor_id(row['guest_id'])}"
+            entry = {"id": guest, "label": row["guest_name"] or "Guest", "source": "guests",
+                     "mentionId": guest}
+        if search in entry["id"].lower() or search in entry["label"].lower():
+            found.append(entry)
+    return found[:limit]
+
+
+# --- Reactions (docs/reaction.md) ----------------------------------------------------
+
+
+def reaction_of(rq) -> str:
+    reaction = (rq.text("reaction", "") or "").strip()
+    if not reaction or len(reaction) > REACTION_MAX or re.search(r"[\sA-Za-z0-9]", reaction):
+        fail(400, "reaction must be one emoji")
+    return reaction
+
+
+def reactable(rq, db, token, message_id, write=True):
+    room, me = room_for(db, rq.actor, token, CHAT)
+    if write:
+        may_write(room, me, rq.now)
+    else:
+        outside_lobby(room, me, rq.now)
+    row = message_by_id(db, message_id)
+    if row is None or row["room_id"] != room["id"]:
+        fail(404, "Message not found")
+    if row["message_type"] != "comment" or row["verb"]:
+        fail(400, "Only chat messages take reactions")
+    return room, me, row
+
+
+def reactions_answer(db, message_id, reaction="") -> dict:
+    """emoji -> who reacted with it (openapi Reaction)."""
+    answer: dict[str, list] = {}
+    for row in reactions_of(db, message_id, reaction):
+        answer.setdefault(row["reaction"], []).append({
+            "actorType": row["actor_type"], "actorId": row["actor_id"],
+            "actorDisplayName": row["display_name"], "timestamp": row["timestamp"],
+        })
+    return answer or []
+
+
+def reaction_change(rq, token, message_id, add):
+    message_id = message_id_of(message_id)
+    reaction = reaction_of(rq)
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me, _ = reactable(rq, db, token, message_id)
+        author = speaker(rq.actor, me)
+        changed = change_reaction(db, message_id, reaction, author, now, add)
+        if not changed and not add:
+            fail(404, "Reaction not found")
+        system = None
+        if changed:
+            verb = "reaction" if add else "reaction_revoked"
+            system = add_system_message(db, room["id"], author, verb, now=now, parent_id=message_id,
+                                        text=reaction if add else None)
+        answer = reactions_answer(db, message_id)
+    if system is not None:
+        rq.talk.chat_posted(room["id"], system, changed=True)
+    return Reply(201 if add and changed else 200, answer)
+
+
+def reaction_add(rq, token, message_id):
+    """POST /reaction/{token}/{messageId}: React (201 new, 200 already there)."""
+    return reaction_change(rq, token, message_id, add=True)
+
+
+def reaction_delete(rq, token, message_id):
+    """DELETE /reaction/{token}/{messageId}: Take one's reaction back."""
+    return reaction_change(rq, token, message_id, add=False)
+
+
+def reaction_list(rq, token, message_id):
+    """GET /reaction/{token}/{messageId}: Who reacted with what (`reaction` filters)."""
+    message_id = message_id_of(message_id)
+    reaction = (rq.text("reaction", "") or "").strip()
+    with rq.talk.db.read() as db:
+        reactable(rq, db, token, message_id, write=False)
+        return reactions_answer(db, message_id, reaction)
+
+
+# --- Polls (docs/poll.md) --------------------------------------------------------------
+
+
+def poll_answer(rq, db, room, me, poll) -> dict:
+    actor_type, actor_id = caller_actor(rq, db, room)
+    own = poll_votes_of(db, poll["id"], actor_type, actor_id)
+    details = poll_votes_of(db, poll["id"]) if poll["status"] == POLL_CLOSED else []
+    return poll_json(poll, own, details, me["participant_type"] in MODERATOR_TYPES)
+
+
+def text_list(rq, name) -> list:
+    """A list parameter: a JSON array, or repeated `name[]` form fields."""
+    value = rq.params.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        value = [value]
+    if not all(isinstance(item, str | int) and not isinstance(item, bool) for item in value):
+        fail(400, f"{name} must be a list")
+    return [str(item) for item in value]
+
+
+def poll_create(rq, token):
+    """POST /poll/{token}: Create a poll (question, options, resultMode, maxVotes)."""
+    question = (rq.text("question", "") or "").strip()
+    options = [option.strip() for option in text_list(rq, "options")]
+    mode = choice(rq, "resultMode", (POLL_PUBLIC, POLL_HIDDEN), POLL_PUBLIC)
+    max_votes = rq.integer("maxVotes", 0, minimum=0)
+    if not question or len(question) > POLL_QUESTION_MAX:
+        fail(400, "question must be 1 to 32000 characters")
+    if len(options) < 2 or not all(options) or any(len(o) > POLL_OPTION_MAX for o in options):
+        fail(400, "options must be at least two texts")
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        may_write(room, me, now)
+        if room["type"] == ROOM_ONE_TO_ONE:
+            fail(400, "Polls are not possible in one-to-one conversations")
+        author = speaker(rq.actor, me)
+        poll_id = create_poll(db, room["id"], question, options, author, mode, max_votes, now)
+        expires = now + room["message_expiration"] if room["message_expiration"] else 0
+        params = {"actor": rich_actor(*author),
+                  "object": {"type": "talk-poll", "id": str(poll_id), "name": question}}
+        row = add_message(db, room["id"], author[0], author[1], "{object}", now,
+                          parameters=params, actor_name=author[2], legacy=False, expires=expires)
+        set_read_marker(db, me["id"], room["id"], row["id"])
+        answer = poll_answer(rq, db, room, me, poll_by_id(db, room["id"], poll_id))
+    if expires:
+        rq.talk.expire_at(expires)
+    rq.talk.chat_posted(room["id"], row)
+    return Reply(201, answer)
+
+
+def poll_of(rq, db, token, poll_id, write=False):
+    room, me = room_for(db, rq.actor, token, CHAT)
+    if write:
+        may_write(room, me, rq.now)
+    else:
+        outside_lobby(room, me, rq.now)
+    poll = poll_by_id(db, room["id"], message_id_of(poll_id))
+    if poll is None:
+        fail(404, "Poll not found")
+    return room, me, poll
+
+
+def poll_get(rq, token, poll_id):
+    """GET /poll/{token}/{pollId}: A poll's state (results once visible)."""
+    with rq.talk.db.read() as db:
+        room, me, poll = poll_of(rq, db, token, poll_id)
+        return poll_answer(rq, db, room, me, poll)
+
+
+def poll_vote(rq, token, poll_id):
+    """POST /poll/{token}/{pollId}: Vote (optionIds replace earlier votes)."""
+    raw = text_list(rq, "optionIds")
+    if not all(re.fullmatch(r"[0-9]{1,9}", item) for item in raw):
+        fail(400, "optionIds must be option numbers")
+    option_ids = sorted({int(item) for item in raw})
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me, poll = poll_of(rq, db, token, poll_id, write=True)
+        if poll["status"] == POLL_CLOSED:
+            fail(400, "The poll is closed")
+        if any(o >= len(json.loads(poll["options"])) for o in option_ids):
+            fail(400, "No such option")
+        if poll["max_votes"] and len(option_ids) > poll["max_votes"]:
+            fail(400, f"At most {poll['max_votes']} options")
+        author = speaker(rq.actor, me)
+        set_poll_votes(db, poll, author, option_ids)
+        system = None
+        if poll["result_mode"] == POLL_PUBLIC:
+            rich = {"poll": {"type": "talk-poll", "id": str(poll["id"]), "name": poll["question"]}}
+            system = add_system_message(db, room["id"], author, "poll_voted", rich, now)
+        answer = poll_answer(rq, db, room, me, poll_by_id(db, room["id"], poll["id"]))
+    if system is not None:
+        rq.talk.chat_posted(room["id"], system)
+    return answer
+
+
+def poll_close(rq, token, poll_id):
+    """DELETE /poll/{token}/{pollId}: Close a poll (its author or a moderator)."""
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me, poll = poll_of(rq, db, token, poll_id, write=True)
+        author = speaker(rq.actor, me)
+        mine = (poll["actor_type"], poll["actor_id"]) == author[:2]
+        if not mine and me["participant_type"] not in MODERATOR_TYPES:
+            fail(403, "Only the author or a moderator may close the poll")
+        if poll["status"] == POLL_CLOSED:
+            fail(400, "The poll is closed already")
+        close_poll(db, poll["id"])
+        rich = {"poll": {"type": "talk-poll", "id": str(poll["id"]), "name": poll["question"]}}
+        system = add_system_message(db, room["id"], author, "poll_closed", rich, now)
+        answer = poll_answer(rq, db, room, me, poll_by_id(db, room["id"], poll["id"]))
+    rq.talk.chat_posted(room["id"], system)
+    return answer
 
 
 # ---------------------------------------------------------------------------
@@ -5360,6 +5941,26 @@ ROUTES = [
     ("GET", "/signaling/<token>", signaling_receive, PUBLIC),
 ]
 
+# Today's chat, also under .../api/v1 (docs/chat.md, reaction.md, poll.md):
+# GET /chat/{token} with lookIntoFuture and POST /chat/{token} are the 2018
+# routes above; static paths before the <message_id> ones.
+CHAT_ROUTES = [
+    ("DELETE", "/chat/<token>", chat_clear, PUBLIC),
+    ("POST", "/chat/<token>/read", chat_mark_read, PUBLIC),
+    ("DELETE", "/chat/<token>/read", chat_mark_unread, PUBLIC),
+    ("GET", "/chat/<token>/mentions", chat_mentions, PUBLIC),
+    ("PUT", "/chat/<token>/<message_id>", chat_edit, PUBLIC),
+    ("DELETE", "/chat/<token>/<message_id>", chat_delete, PUBLIC),
+    ("GET", "/chat/<token>/<message_id>/context", chat_context, PUBLIC),
+    ("POST", "/reaction/<token>/<message_id>", reaction_add, PUBLIC),
+    ("DELETE", "/reaction/<token>/<message_id>", reaction_delete, PUBLIC),
+    ("GET", "/reaction/<token>/<message_id>", reaction_list, PUBLIC),
+    ("POST", "/poll/<token>", poll_create, PUBLIC),
+    ("GET", "/poll/<token>/<poll_id>", poll_get, PUBLIC),
+    ("POST", "/poll/<token>/<poll_id>", poll_vote, PUBLIC),
+    ("DELETE", "/poll/<token>/<poll_id>", poll_close, PUBLIC),
+]
+
 # API v4 (today), under /ocs/v{1,2}.php/apps/spreed/api/v4: conversations,
 # participants and calls.
 ROUTES_V4 = [
@@ -5448,6 +6049,7 @@ PAGE_ROUTES = [
 # (prefix, generation, table)
 ROUTE_TABLES = [
     (API_PREFIX, 1, ROUTES),
+    (API_PREFIX, 1, CHAT_ROUTES),
     (API_V4_PREFIX, 4, ROUTES_V4),
     (CLOUD_PREFIX, 1, CLOUD_ROUTES),
     (CORE_PREFIX, 1, SIGNIN_ROUTES),
@@ -5524,6 +6126,12 @@ class Talk:
         self.room_throttle = Throttle(throttle_free_failures)
         self.rooms = Rooms(self)
         self.config_hash = config_hash(self)
+        self._expiry_lock = threading.Lock()
+        self._expiry = None  # (when, timer) of the next message expiration
+        self.closing = False
+        upcoming = self.expire_messages()
+        if upcoming is not None:
+            self.expire_at(upcoming)
 
     def room_changed(self, room_id, chat=False):
         """Wake the room's signaling polls (and chat polls when the room went).
@@ -5566,8 +6174,49 @@ class Talk:
                 expire_guests(db, room["id"], before)
             self.room_changed(room["id"])
 
+    def expire_messages(self) -> int | None:
+        """Delete the messages whose expiration passed; when the next one
+        expires (None: no message will)."""
+        now = int(self.clock())
+        with self.db.read() as db:
+            due = has_expired_messages(db, now)
+        if due:
+            with self.db.write() as db:
+                expire_messages(db, now)
+        with self.db.read() as db:
+            return next_expiry(db)
+
+    def expire_at(self, when) -> None:
+        """Have expire_messages run when `when` comes (one timer, set to the
+        nearest expiration: no loop polls for them)."""
+        with self._expiry_lock:
+            if self.closing or (self._expiry is not None and self._expiry[0] <= when):
+                return
+            if self._expiry is not None:
+                self._expiry[1].cancel()
+            delay = min(max(when - self.clock(), 0), 3600)
+            timer = threading.Timer(delay, self._expire_due)
+            timer.daemon = True
+            self._expiry = (when, timer)
+            timer.start()
+
+    def _expire_due(self):
+        with self._expiry_lock:
+            self._expiry = None
+        try:
+            upcoming = self.expire_messages()
+        except (sqlite3.Error, RuntimeError):  # closed meanwhile
+            return
+        if upcoming is not None:
+            self.expire_at(upcoming)
+
     def shutdown(self):
         """Answer every waiting long-poll now; stop new waits."""
+        with self._expiry_lock:
+            self.closing = True
+            if self._expiry is not None:
+                self._expiry[1].cancel()
+                self._expiry = None
         self.notifier.close()
 
     def close(self):
@@ -5611,6 +6260,9 @@ def ocs_callback(talk, handler, who, generation=1):
             # A row this request relied on went meanwhile (say, its user was
             # deleted by the command line within the credential recheck).
             return envelope(version, fmt, 409, [], "Conflict with a concurrent change; try again")
+        if isinstance(result, Reply) and result.status == 304:
+            bottle.response.status = 304  # today's chat: nothing new, and no body
+            return b""
         if isinstance(result, Reply):
             return envelope(version, fmt, result.status, result.data)
         return envelope(version, fmt, 200, result)
