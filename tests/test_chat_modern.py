@@ -3,13 +3,13 @@ referenceId/replyTo/silent, the full message object, system messages written by
 the operations, mentions, read markers, edit/delete/clear/context, reactions,
 polls and message expiration. The 2018 receive is tests/test_chat.py's."""
 
+import base64
 import json
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import base64
 
 import pytest
 from conftest import API, PASSWORD, START
@@ -742,3 +742,148 @@ def test_capabilities_list_the_chat_features(anonymous):
                  "delete-messages", "talk-polls", "clear-history"):
         assert name in features
     assert "rich-object-list-media" not in features
+
+
+# --- Over real HTTP: the Android app's sequence and nc-py-api --------------------------
+
+
+def http(base, method, path, user, params=None, timeout=30):
+    """One request to the served app: (status, headers, OCS data or None)."""
+    url = base + API + path
+    body = None
+    if method == "GET" and params:
+        url += "?" + urllib.parse.urlencode(params)
+    elif params:
+        body = urllib.parse.urlencode(params).encode("utf-8")
+    request = urllib.request.Request(url, data=body, method=method)
+    request.add_header("OCS-APIRequest", "true")
+    request.add_header("Accept", "application/json")
+    if body is not None:
+        request.add_header("Content-Type", "application/x-www-form-urlencoded")
+    raw = f"{user}:{PASSWORD}".encode()
+    request.add_header("Authorization", "Basic " + base64.b64encode(raw).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read()
+            return response.status, response.headers, json.loads(text)["ocs"]["data"]
+    except urllib.error.HTTPError as error:
+        with error:
+            text = error.read()
+            data = json.loads(text)["ocs"]["data"] if text else None
+            return error.code, error.headers, data
+
+
+@pytest.fixture
+def served(tmp_path, password_hash):
+    with talk_server.serve_in_thread(tmp_path / "served.db", threads=8, reserve=2) as base:
+        with base.app.talk.db.write() as db:
+            for user in ("alice", "bob"):
+                talk_server.create_user(db, user, password_hash, user.title())
+        yield base
+
+
+def android_fields(known, future, common=0):
+    """The field map of talk-android's OfflineFirstChatRepository.getFieldMap."""
+    return {
+        "includeLastKnown": 0 if future else 1,
+        "lastKnownMessageId": known,
+        "lastCommonReadId": common,
+        "timeout": 30 if future else 0,
+        "limit": 100,
+        "lookIntoFuture": 1 if future else 0,
+        "setReadMarker": 1,
+    }
+
+
+@pytest.mark.slow
+def test_android_chat_sequence_over_real_http(served):
+    status, _, room = http(served, "POST", "/room", "alice", {"roomType": 2, "roomName": "Team"})
+    token = room["token"]
+    http(served, "POST", f"/room/{token}/participants", "alice", {"newParticipant": "bob"})
+    for i in range(3):
+        http(served, "POST", f"/chat/{token}", "alice", {"message": f"m{i}"})
+    # Initial history: the newest 100, newest first, and where to continue.
+    status, headers, history_page = http(
+        served, "GET", f"/chat/{token}", "bob", android_fields(0, future=False))
+    assert status == 200
+    assert [m["message"] for m in history_page if m["messageType"] == "comment"] == [
+        "m2", "m1", "m0"]
+    newest = history_page[0]["id"]
+    oldest_given = int(headers["X-Chat-Last-Given"])
+    common = int(headers["X-Chat-Last-Common-Read"])
+    # Android always includes the last known message when paging back: the
+    # page that holds only it is the end of the history.
+    status, _, page = http(served, "GET", f"/chat/{token}", "bob",
+                           android_fields(oldest_given, future=False, common=common))
+    assert status == 200 and [m["id"] for m in page] == [oldest_given]
+    assert page[0]["systemMessage"] == "conversation_created"
+    # The future long-poll, woken by alice's send from another client.
+    result = {}
+    poll = threading.Thread(target=lambda: result.setdefault("r", http(
+        served, "GET", f"/chat/{token}", "bob", android_fields(newest, True, common), 60)))
+    poll.start()
+    wait_for_waiter(served.app)
+    status, _, sent = http(served, "POST", f"/chat/{token}", "alice", {
+        "message": "live", "actorDisplayName": "", "replyTo": 0, "silent": "false",
+        "referenceId": "f" * 64})
+    assert status == 201 and sent["referenceId"] == "f" * 64
+    poll.join(10)
+    status, headers, fresh = result["r"]
+    assert status == 200 and [m["id"] for m in fresh] == [sent["id"]]
+    assert fresh[0]["referenceId"] == "f" * 64  # the pending bubble finds its message
+    assert int(headers["X-Chat-Last-Given"]) == sent["id"]
+    # bob sends: his own bubble is matched by referenceId too.
+    status, _, own = http(served, "POST", f"/chat/{token}", "bob", {
+        "message": "reply", "replyTo": sent["id"], "silent": "false", "referenceId": "b" * 64})
+    assert own["parent"]["id"] == sent["id"] and own["referenceId"] == "b" * 64
+    # The read marker, then the Room shows nothing unread.
+    status, _, _ = http(served, "POST", f"/chat/{token}/read", "bob",
+                        {"lastReadMessage": own["id"]})
+    assert status == 200
+    url = f"{served}/ocs/v2.php/apps/spreed/api/v4/room/{token}"
+    request = urllib.request.Request(url, headers={
+        "OCS-APIRequest": "true", "Accept": "application/json",
+        "Authorization": "Basic " + base64.b64encode(f"bob:{PASSWORD}".encode()).decode()})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        room = json.load(response)["ocs"]["data"]
+    assert room["unreadMessages"] == 0 and room["lastReadMessage"] == own["id"]
+    # Nothing new: a timed-out future poll is 304 with no body.
+    served.app.talk.notifier.time_scale = 0.01
+    status, _, data = http(served, "GET", f"/chat/{token}", "bob",
+                           android_fields(own["id"], True))
+    assert (status, data) == (304, None)
+
+
+@pytest.mark.slow
+def test_nc_py_api_chat_reactions_and_polls(served):
+    nc_py_api = pytest.importorskip("nc_py_api")
+    alice = nc_py_api.Nextcloud(nextcloud_url=served, nc_auth_user="alice", nc_auth_pass=PASSWORD)
+    bob = nc_py_api.Nextcloud(nextcloud_url=served, nc_auth_user="bob", nc_auth_pass=PASSWORD)
+    with served.app.talk.db.write() as db:
+        talk_server.create_group(db, "team")
+        talk_server.add_to_group(db, "team", "bob")
+    conversation = alice.talk.create_conversation(2, "team", room_name="Team")
+    hello = alice.talk.send_message("Hello @bob", conversation)
+    assert hello.message == "Hello {mention-user1}"
+    assert hello.reference_id and hello.message_type == "comment"
+    reply = bob.talk.send_message("Hi!", conversation, reply_to_message=hello)
+    messages = bob.talk.receive_messages(conversation, limit=10)
+    assert [m.message for m in messages][:2] == ["Hi!", "Hello {mention-user1}"]
+    assert messages[-1].system_message == "conversation_created"
+    reactions = bob.talk.react_to_message(hello, "👍")
+    assert [r.actor_id for r in reactions["👍"]] == ["bob"]
+    assert list(alice.talk.get_message_reactions(hello)) == ["👍"]
+    assert bob.talk.delete_reaction(hello, "👍") == {}
+    deleted = bob.talk.delete_message(reply)
+    assert deleted.system_message == "message_deleted"
+    poll = alice.talk.create_poll(conversation, "Lunch?", ["Pizza", "Sushi"], hidden_results=False)
+    assert (poll.question, poll.options, poll.closed) == ("Lunch?", ["Pizza", "Sushi"], False)
+    voted = bob.talk.vote_poll([1], poll.poll_id, conversation)
+    assert voted.voted_self == [1] and voted.votes == {"option-1": 1}
+    closed = alice.talk.close_poll(poll)
+    assert closed.closed and closed.num_voters == 1
+    assert [(d.actor_id, d.option) for d in closed.details] == [("bob", 1)]
+    assert alice.talk.get_poll(poll).closed
+    room = [c for c in bob.talk.get_user_conversations() if c.token == conversation.token][0]
+    assert room.last_message.system_message == "poll_closed"
+    assert not room.unread_mention  # bob's own reply moved his read marker past it
