@@ -4943,12 +4943,23 @@ def conversation_list(rq):
     # Taken before the query: a change while it runs shows in the next list.
     bottle.response.set_header("X-Nextcloud-Talk-Modified-Before", str(rq.now))
     with_talk_hash(rq)
+    # As GET /room on v1: an answer is reused until this process writes anything
+    # or the second changes (clients poll this list; see room_list).
+    talk = rq.talk
+    key = ("v4", rq.actor.user_id, rq.device(), talk.db.generation, rq.now,
+           tuple(sorted((k, str(v)) for k, v in rq.params.items())))
+    answers = talk.room_lists.get(key)
+    if answers is not None:
+        return answers
     answers = []
-    with rq.talk.db.read() as db:
+    with talk.db.read() as db:
         for room in rooms_with(db, rq.actor.user_id):
             answer, mine = conversation_parts(rq, db, room)
             if not since or changed_since(room, answer, mine, since):
                 answers.append(answer)
+    if len(talk.room_lists) > 1000:
+        talk.room_lists.clear()
+    talk.room_lists[key] = answers
     return answers
 
 
