@@ -304,6 +304,25 @@ class Reply:
 
 
 @dataclass
+class Shared:
+    """A 200 answer many requests reuse (room lists within a second): its
+    entry holds the data and, once encoded, the body per OCS version and format."""
+
+    entry: dict
+
+
+def shared_answer(cache: dict, key, build) -> Shared:
+    """The cached answer for `key`, else build() it; the cache stays bounded."""
+    entry = cache.get(key)
+    if entry is None:
+        entry = {"data": build()}
+        if len(cache) > 1000:
+            cache.clear()
+        cache[key] = entry
+    return Shared(entry)
+
+
+@dataclass
 class Binary:
     """An answer that is not an envelope (an image): its bytes, type and ETag."""
 
@@ -364,12 +383,14 @@ def xml_value(value):
     return xml_escape(str(value))
 
 
+CONTENT_TYPES = {"xml": "application/xml; charset=utf-8", "json": "application/json; charset=utf-8"}
+
+
 def encode(fmt, document):
     """Encode a document as JSON or XML bytes and set the content type."""
+    bottle.response.content_type = CONTENT_TYPES["xml" if fmt == "xml" else "json"]
     if fmt == "xml":
-        bottle.response.content_type = "application/xml; charset=utf-8"
         return ('<?xml version="1.0"?>\n' + xml_value(document)).encode("utf-8")
-    bottle.response.content_type = "application/json; charset=utf-8"
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -4790,15 +4811,13 @@ def room_list(rq):
     # anything or the second changes (the active window counts in seconds;
     # changes by other processes, such as the command line, show a second later).
     key = (rq.actor.user_id, talk.db.generation, now)
-    answer = talk.room_lists.get(key)
-    if answer is None:
+
+    def build():
         with talk.db.read() as db:
             rooms = rooms_of(db, rq.actor.user_id)
-        answer = [room_json(room, rows, rq.actor, now) for room, rows in rooms]
-        if len(talk.room_lists) > 1000:
-            talk.room_lists.clear()
-        talk.room_lists[key] = answer
-    return answer
+        return [room_json(room, rows, rq.actor, now) for room, rows in rooms]
+
+    return shared_answer(talk.room_lists, key, build)
 
 
 def room_get(rq, token):
@@ -5766,23 +5785,21 @@ def conversation_list(rq):
     # As on the 2018 route, an answer is reused until this process writes
     # anything or the second changes; the device names the caller's sessions.
     key = ("v4", rq.actor.user_id, rq.device(), since, include_status, talk.db.generation, now)
-    answers = talk.room_lists.get(key)
-    if answers is not None:
+
+    def build():
+        answers = []
+        with talk.db.read() as db:
+            for room in rooms_with(db, rq.actor.user_id):
+                answer, mine = conversation_parts(rq, db, room)
+                # With includeStatus every one-to-one room comes (its partner's status may change).
+                one_to_one = include_status and room["type"] == ROOM_ONE_TO_ONE
+                if not since or one_to_one or changed_since(room, answer, mine, since):
+                    answers.append(answer)
+            if include_status:
+                add_statuses(db, answers, now)
         return answers
-    answers = []
-    with talk.db.read() as db:
-        for room in rooms_with(db, rq.actor.user_id):
-            answer, mine = conversation_parts(rq, db, room)
-            # With includeStatus every one-to-one room comes (its partner's status may change).
-            one_to_one = include_status and room["type"] == ROOM_ONE_TO_ONE
-            if not since or one_to_one or changed_since(room, answer, mine, since):
-                answers.append(answer)
-        if include_status:
-            add_statuses(db, answers, rq.now)
-    if len(talk.room_lists) > 1000:
-        talk.room_lists.clear()
-    talk.room_lists[key] = answers
-    return answers
+
+    return shared_answer(talk.room_lists, key, build)
 
 
 def add_statuses(db, answers, now) -> None:
@@ -7303,7 +7320,7 @@ class Talk:
         if durability not in ("full", "normal"):
             raise ValueError("durability must be full or normal")
         self.db = Database(db_path, durability)
-        self.room_lists: dict[tuple, list] = {}  # GET /room answers, see room_list
+        self.room_lists: dict[tuple, dict] = {}  # GET /room answers, see shared_answer
         self.avatars = BoundedCache(AVATAR_CACHE_ENTRIES)  # generated PNGs, see avatar_png
         self.clock = clock
         self.threads = threads
@@ -7499,6 +7516,15 @@ def ocs_callback(talk, handler, who, generation=1, max_body=None):
         if isinstance(result, Reply) and result.status == 304:
             bottle.response.status = 304  # today's chat: nothing new, and no body
             return b""
+        if isinstance(result, Shared):
+            body = result.entry.get((version, fmt))
+            if body is None:
+                body = envelope(version, fmt, 200, result.entry["data"])
+                result.entry[(version, fmt)] = body
+            else:
+                bottle.response.status = 200
+                bottle.response.content_type = CONTENT_TYPES[fmt]
+            return body
         if isinstance(result, Reply):
             return envelope(version, fmt, result.status, result.data)
         return envelope(version, fmt, 200, result)
