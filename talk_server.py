@@ -18,10 +18,11 @@ Sections of this module, in order:
 
     constants . errors and the OCS envelope . database . data access
     (users and groups, sessions, rooms, participants, calls, chat, signaling)
-    . JSON shapes . auth and request helpers . long-poll notifier . routes
-    (room management, participant management, call management, chat,
-    signaling, capabilities, accounts, sign-in for apps) . app factory . serving
-    . command line
+    . JSON shapes . auth and request helpers . long-poll notifier . room
+    operations . routes (room management, participant management, call
+    management, chat, signaling; today's calls and signaling, conversations,
+    participants; capabilities, accounts, sign-in for apps) . app factory .
+    serving . command line
 """
 
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ SECTIONS = {
     id(talk_server.CLOUD_ROUTES): "## What is implemented",
     id(talk_server.SIGNIN_ROUTES): "## What is implemented",
     id(talk_server.ROUTES_V4): "### Today's API: conversations and participants (v4)",
+    id(talk_server.ROUTES_V3): "### Today's API: internal signaling (v3)",
 }
 
 
