@@ -3871,6 +3871,17 @@ def signaling_settings_v3(rq):
     }
 
 
+def signaling_session_v3(rq, db, token, now):
+    """The room, the caller's row and its session (seen now), else the 404 the apps expect."""
+    room = room_by_token(db, token)
+    me = participant_of(db, room["id"], rq.actor.user_id, rq.actor.guest_id) if room else None
+    session = rq.own_session(db, me)
+    if session is None:
+        fail(404, "No session", NO_USERS)
+    touch_session(db, session["id"], me["id"], now)
+    return room, me, session
+
+
 @long_poll(lambda query: True)
 def signaling_pull(rq, token):
     """GET /signaling/{token}: Receive signaling messages (API v3 long-poll).
@@ -3884,12 +3895,7 @@ def signaling_pull(rq, token):
     talk = rq.talk
     now = rq.now
     with talk.db.write() as db:
-        room = room_by_token(db, token)
-        me = participant_of(db, room["id"], rq.actor.user_id, rq.actor.guest_id) if room else None
-        session = rq.own_session(db, me)
-        if session is None:
-            fail(404, "No session", NO_USERS)
-        touch_session(db, session["id"], me["id"], now)
+        room, me, session = signaling_session_v3(rq, db, token, now)
         expired = expire_calls(db, room, now)
     if expired:
         talk.room_changed(room["id"])
@@ -3924,12 +3930,7 @@ def signaling_push(rq, token):
     items = signaling_messages(rq)
     talk, now = rq.talk, rq.now
     with talk.db.write() as db:
-        room = room_by_token(db, token)
-        me = participant_of(db, room["id"], rq.actor.user_id, rq.actor.guest_id) if room else None
-        session = rq.own_session(db, me)
-        if session is None:
-            fail(404, "No session", NO_USERS)
-        touch_session(db, session["id"], me["id"], now)
+        room, me, session = signaling_session_v3(rq, db, token, now)
         moderator = me["participant_type"] in MODERATOR_TYPES
         woken = relay_signaling(talk, db, items, session["id"], room["id"], now, moderator)
     talk.notifier.notify(*(session_key(s) for s in woken))
