@@ -22,7 +22,8 @@ Sections of this module, in order:
     helpers (multipart too) . long-poll notifier . avatar images (font, PNG
     writer, upload and emoji checks) . room operations . routes, one section
     per API generation (v1: room management, participant management, call
-    management, chat, signaling; v4: conversations, participants),
+    management, chat, signaling; v3: signaling; v4: calls, conversations,
+    participants),
     sign-in for apps, avatars, user status, user search, capabilities and
     accounts . app factory . serving . command line
 """
@@ -38,6 +39,7 @@ import gc
 import getpass
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import re
@@ -68,6 +70,7 @@ import waitress.wasyncore
 # compile at start.
 SPREED_PREFIX = "/ocs/v<ocs:re:[12]>.php/apps/spreed/api"
 API_PREFIX = SPREED_PREFIX + "/v1"
+API_V3_PREFIX = SPREED_PREFIX + "/v3"
 API_V4_PREFIX = SPREED_PREFIX + "/v4"
 CLOUD_PREFIX = "/ocs/v<ocs:re:[12]>.php/cloud"
 USER_STATUS_PREFIX = "/ocs/v<ocs:re:[12]>.php/apps/user_status/api/v1"
@@ -102,6 +105,12 @@ TOKEN_ALPHABET = "abcdefghijkmnopqrstuvwxyz23456789"
 IN_CALL = 1  # bit of sessions.in_call
 # In-call flags (sessions.in_call, an integer on today's routes)
 FLAG_IN_CALL, FLAG_AUDIO, FLAG_VIDEO, FLAG_PHONE = 1, 2, 4, 8
+CALL_FLAGS_ALL = FLAG_IN_CALL | FLAG_AUDIO | FLAG_VIDEO | FLAG_PHONE
+CALL_FLAGS_DEFAULT = FLAG_IN_CALL | FLAG_AUDIO | FLAG_VIDEO  # POST /call without flags
+# No ping (today's API): chat and signaling requests keep a session alive; one
+# not seen for this long has left the call (a signaling poll waits 30 s, plus
+# slack, as spreed's usersInRoom window).
+CALL_TIMEOUT_SECONDS = 40
 DEVICE_COOKIE = "talk_device"  # names a client's sessions on today's routes
 
 # Permissions (docs/constants.md): a custom set carries bit 1; 0 is "the default"
@@ -201,6 +210,12 @@ FEATURES = FEATURES_2018 + [
     "clear-history",
     "reactions",
     "talk-polls",
+    "signaling-v3",
+    "no-ping",
+    "in-call-flags",
+    "start-call-flag",
+    "conversation-call-flags",
+    "silent-call",  # nothing rings here, so every call is silent anyway
     "bots-v1",  # webhook bots (docs/bots.md)
 ]
 # Today's apps refuse old servers: Android wants at least 17, Talk Desktop 27.
@@ -322,6 +337,25 @@ class Reply:
 
 
 @dataclass
+class Shared:
+    """A 200 answer many requests reuse (room lists within a second): its
+    entry holds the data and, once encoded, the body per OCS version and format."""
+
+    entry: dict
+
+
+def shared_answer(cache: dict, key, build) -> Shared:
+    """The cached answer for `key`, else build() it; the cache stays bounded."""
+    entry = cache.get(key)
+    if entry is None:
+        entry = {"data": build()}
+        if len(cache) > 1000:
+            cache.clear()
+        cache[key] = entry
+    return Shared(entry)
+
+
+@dataclass
 class Binary:
     """An answer that is not an envelope (an image): its bytes, type and ETag."""
 
@@ -382,12 +416,14 @@ def xml_value(value):
     return xml_escape(str(value))
 
 
+CONTENT_TYPES = {"xml": "application/xml; charset=utf-8", "json": "application/json; charset=utf-8"}
+
+
 def encode(fmt, document):
     """Encode a document as JSON or XML bytes and set the content type."""
+    bottle.response.content_type = CONTENT_TYPES["xml" if fmt == "xml" else "json"]
     if fmt == "xml":
-        bottle.response.content_type = "application/xml; charset=utf-8"
         return ('<?xml version="1.0"?>\n' + xml_value(document)).encode("utf-8")
-    bottle.response.content_type = "application/json; charset=utf-8"
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -1365,6 +1401,22 @@ def touch(db, participant_id: int, now: int) -> None:
     )
 
 
+def touch_session(db, session_id: str, participant_id: int, now: int) -> None:
+    """Refresh one session's lastPing and its participant's (the 2018 routes read the latter)."""
+    db.execute(
+        "UPDATE sessions SET last_ping = :now WHERE id = :id", {"id": session_id, "now": now}
+    )
+    touch(db, participant_id, now)
+
+
+def newest_session(db, me):
+    """The participant's newest session, live or not: the one the 2018 routes act on."""
+    if me is None:
+        return None
+    own = sessions_of(db, me["id"])
+    return own[0] if own else None
+
+
 def session_by_id(db, session_id: str):
     """A session with its participant and room, or None."""
     return db.execute(
@@ -1749,10 +1801,65 @@ def expire_guests(db, room_id: int, before: int) -> int:
 
 
 def set_in_call(db, session_id: str, in_call: bool) -> None:
+    set_call_flags(db, session_id, IN_CALL if in_call else 0)
+
+
+def set_call_flags(db, session_id: str, flags: int) -> None:
     db.execute(
         "UPDATE sessions SET in_call = :flags WHERE id = :id",
-        {"id": session_id, "flags": IN_CALL if in_call else 0},
+        {"id": session_id, "flags": flags},
     )
+
+
+def set_call_start(db, room_id: int, start: int) -> None:
+    """When the room's call began (0: no call)."""
+    db.execute(
+        "UPDATE rooms SET call_start_time = :start WHERE id = :room_id",
+        {"room_id": room_id, "start": start},
+    )
+
+
+def in_call_count(db, room_id: int, live_since: int) -> int:
+    """Live sessions of a room in its call."""
+    return db.execute(
+        """
+        SELECT COUNT(*)
+          FROM sessions AS s
+          JOIN participants AS p ON p.id = s.participant_id
+         WHERE p.room_id = :room_id AND s.in_call & :in_call AND s.last_ping > :since
+        """,
+        {"room_id": room_id, "in_call": FLAG_IN_CALL, "since": live_since},
+    ).fetchone()[0]
+
+
+def leave_calls(db, room_id: int, seen_before: int | None = None) -> int:
+    """Take a room's sessions out of its call: all, or those not seen since `seen_before`."""
+    return db.execute(
+        """
+        UPDATE sessions SET in_call = 0
+         WHERE in_call != 0
+           AND (:before IS NULL OR last_ping <= :before)
+           AND participant_id IN (SELECT id FROM participants WHERE room_id = :room_id)
+        """,
+        {"room_id": room_id, "before": seen_before},
+    ).rowcount
+
+
+def live_sessions(db, room_id: int, live_since: int) -> list[sqlite3.Row]:
+    """A room's sessions seen since `live_since` with their attendees, users first."""
+    return db.execute(
+        """
+        SELECT s.id AS session_id, s.in_call, s.last_ping, p.id AS participant_id,
+               p.room_id, p.user_id, p.guest_id, p.guest_name, p.participant_type,
+               p.permissions, coalesce(u.display_name, '') AS display_name
+          FROM sessions AS s
+          JOIN participants AS p ON p.id = s.participant_id
+          LEFT JOIN users AS u ON u.id = p.user_id
+         WHERE p.room_id = :room_id AND s.last_ping > :since
+         ORDER BY p.user_id IS NULL, p.user_id, p.id, s.seq
+        """,
+        {"room_id": room_id, "since": live_since},
+    ).fetchall()
 
 
 def call_peers(db, room_id: int, active_since: int) -> list[sqlite3.Row]:
@@ -1767,6 +1874,14 @@ def call_peers(db, room_id: int, active_since: int) -> list[sqlite3.Row]:
         """,
         {"room_id": room_id, "in_call": IN_CALL, "since": active_since},
     ).fetchall()
+
+
+def call_system_message(db, room_id: int, actor, verb: str, now: int) -> None:
+    """Post a call's system message: `verb` is call_started, call_joined, call_left,
+    call_ended or call_ended_everyone; `actor` the attendee row (None: the server
+    ended the call, its last session having gone quiet)."""
+    speaker = row_speaker(actor) if actor is not None else ("guests", "system", "")
+    add_system_message(db, room_id, speaker, verb, None, now)
 
 
 # --- Chat --------------------------------------------------------------------
@@ -2943,6 +3058,11 @@ def effective_permissions(room, row) -> int:
         return PERMISSIONS_ALL
     if row["permissions"] & PERM_CUSTOM:
         return row["permissions"]
+    return default_permissions(room)
+
+
+def default_permissions(room) -> int:
+    """What attendees without a custom set may do: the room's default set, else the default."""
     if room["default_permissions"] & PERM_CUSTOM:
         return room["default_permissions"]
     return PERMISSIONS_DEFAULT_SET
@@ -3084,6 +3204,13 @@ def mentioned(mine, column, unread, room) -> bool:
     return mine[column] > mine["last_read_message"]
 
 
+def call_flags_now(session, now) -> int:
+    """A session's in-call flags, 0 once it has not been seen for CALL_TIMEOUT_SECONDS (no ping)."""
+    if not session["in_call"] & FLAG_IN_CALL or session["last_ping"] <= now - CALL_TIMEOUT_SECONDS:
+        return 0
+    return session["in_call"]
+
+
 def attendee_actor(row) -> tuple[str, str]:
     if row["user_id"] is not None:
         return "users", row["user_id"]
@@ -3103,11 +3230,9 @@ def conversation_json(room, rows, sessions, viewer, my_session, extras, now) -> 
          or (viewer.guest_id is not None and r["guest_id"] == viewer.guest_id)),
         None,
     )
-    live = [s for s in sessions if s["last_ping"] > now - ACTIVE_SECONDS]
     flags = 0
-    for session in live:
-        if session["in_call"] & FLAG_IN_CALL:
-            flags |= session["in_call"]
+    for session in sessions:
+        flags |= call_flags_now(session, now)
     permissions = effective_permissions(room, mine)
     moderator = mine is not None and mine["participant_type"] in MODERATOR_TYPES
     users = [r for r in rows if r["user_id"] is not None]
@@ -3141,7 +3266,7 @@ def conversation_json(room, rows, sessions, viewer, my_session, extras, now) -> 
         "participantType": mine["participant_type"] if mine is not None else 0,
         "sessionId": my_session["id"] if my_session is not None else "0",
         "lastPing": mine["last_ping"] if mine is not None else 0,
-        "participantFlags": my_session["in_call"] if my_session is not None else 0,
+        "participantFlags": call_flags_now(my_session, now) if my_session is not None else 0,
         "permissions": permissions,
         "attendeePermissions": mine["permissions"] if mine is not None else 0,
         "callPermissions": room["call_permissions"],
@@ -3190,10 +3315,9 @@ def attendee_json(room, row, sessions, now) -> dict:
     """An attendee of GET /api/v4/room/{token}/participants (openapi Participant)."""
     actor_type, actor_id = attendee_actor(row)
     mine = [s for s in sessions if s["participant_id"] == row["id"]]
-    live = [s for s in mine if s["last_ping"] > now - ACTIVE_SECONDS]
     in_call = 0
-    for session in live:
-        in_call |= session["in_call"]
+    for session in mine:
+        in_call |= call_flags_now(session, now)
     if row["user_id"] is not None:
         name = row["display_name"]
     else:
@@ -3329,6 +3453,35 @@ def autocomplete_group_json(group_id: str) -> dict:
         "status": "",
         "subline": "",
         "shareWithDisplayNameUnique": "",
+    }
+
+
+def call_peer_v4_json(row, token) -> dict:
+    """A session in the call (openapi CallPeer), from live_sessions."""
+    actor_type, actor_id = attendee_actor(row)
+    return {
+        "actorType": actor_type,
+        "actorId": actor_id,
+        "displayName": row["display_name"] if row["user_id"] is not None else row["guest_name"],
+        "lastPing": row["last_ping"],
+        "sessionId": row["session_id"],
+        "token": token,
+    }
+
+
+def signaling_session_json(room, row, now) -> dict:
+    """A session of usersInRoom on signaling v3 (openapi SignalingSession): `inCall` is
+    the integer flags (the Android app casts it to a long; a boolean breaks it)."""
+    actor_type, actor_id = attendee_actor(row)
+    return {
+        "userId": row["user_id"] or "",
+        "roomId": room["id"],
+        "lastPing": row["last_ping"],
+        "sessionId": row["session_id"],
+        "inCall": call_flags_now(row, now),
+        "participantPermissions": effective_permissions(room, row),
+        "actorType": actor_type,
+        "actorId": actor_id,
     }
 
 
@@ -3856,6 +4009,13 @@ class Call:
         if not isinstance(value, Upload):
             fail(400, f"Parameter {name} must be a file (send multipart/form-data)")
         return value
+
+    def own_session(self, db, me):
+        """The caller's session among its attendee row's: the one its device cookie
+        names, else its newest live one (SPEC 11); None without either."""
+        if me is None:
+            return None
+        return device_session(sessions_of(db, me["id"]), self.device(), self.now - ACTIVE_SECONDS)
 
     def guest_id(self) -> str:
         """The guest's cookie hash, setting a new cookie when it has none."""
@@ -4830,6 +4990,15 @@ REFUSED = {
     "moderator-permissions": (400, "Moderators always have every permission"),
     "session-in-call": (409, "This device is in a call already; join with force=true"),
     "bad-value": (400, "Invalid value"),
+    # Calls (both generations; only today's clients can set what most of them guard)
+    "no-session": (404, "You have not joined this conversation"),
+    "no-calls-here": (400, "This conversation has no calls"),
+    "read-only": (403, "The conversation is read-only"),
+    "lobby": (412, "The conversation's lobby is active"),
+    "may-not-join-call": (403, "You may not join calls in this conversation"),
+    "may-not-start-call": (403, "You may not start a call in this conversation"),
+    "not-in-call": (400, "This session is not in the call"),
+    "bad-flags": (400, "flags must include 1 (in call)"),
     # Bots (BotController): data {"error": "bot"} or {"error": "room"}
     "no-bot": (400, "No such bot, or not one moderators may set up"),
     "bot-room": (400, "Bots cannot be set up in this conversation"),
@@ -4887,6 +5056,30 @@ SETTING_VERBS = {
     "message_expiration": lambda value: (
         "message_expiration_enabled" if value else "message_expiration_disabled"),
 }
+
+
+def publishable(flags: int, permissions: int) -> int:
+    """In-call flags without the audio or video the attendee may not publish (as spreed)."""
+    if not permissions & PERM_AUDIO:
+        flags &= ~FLAG_AUDIO
+    if not permissions & PERM_VIDEO:
+        flags &= ~FLAG_VIDEO
+    return flags
+
+
+def end_call_if_empty(db, room, actor, now) -> None:
+    """The last session out of a call ends it (callStartTime 0, call_ended)."""
+    if room["call_start_time"] and not in_call_count(db, room["id"], now - CALL_TIMEOUT_SECONDS):
+        set_call_start(db, room["id"], 0)
+        call_system_message(db, room["id"], actor, "call_ended", now)
+
+
+def expire_calls(db, room, now) -> bool:
+    """No ping: sessions not seen for CALL_TIMEOUT_SECONDS leave the call; True when any did."""
+    if not leave_calls(db, room["id"], now - CALL_TIMEOUT_SECONDS):
+        return False
+    end_call_if_empty(db, room, None, now)
+    return True
 
 
 class Rooms:
@@ -5089,18 +5282,20 @@ class Rooms:
                     raise Refused("owner-protected")
                 remove_participant(db, row["id"])
                 self.say(db, room["id"], speaker(actor, me), "user_removed", {"user": rich_row(row)})
+                end_call_if_empty(db, room, me, self.now())
         self.talk.room_changed(room["id"], chat=gone)
 
     def remove_guest(self, actor, token, session_id) -> None:
         """Remove the guest holding `session_id` (moderators)."""
         with self.talk.db.write() as db:
-            room, _ = room_for(db, actor, token, MODERATE)
+            room, me = room_for(db, actor, token, MODERATE)
             row = participant_by_session(db, room["id"], session_id) if session_id else None
             if row is None:
                 raise Refused("no-participant")
             if row["participant_type"] != GUEST:
                 raise Refused("not-a-guest")
             remove_participant(db, row["id"])
+            end_call_if_empty(db, room, me, self.now())
         self.talk.room_changed(room["id"])
 
     def remove_self(self, actor, token, keep_a_moderator=False) -> None:
@@ -5201,6 +5396,90 @@ class Rooms:
                     remove_participant(db, me["id"])
                 else:
                     end_session(db, me["id"])
+            end_call_if_empty(db, room, me, self.now())
+        self.talk.room_changed(room["id"])
+
+    def call_rules(self, room, me, now) -> int:
+        """Who may be in this room's call; the caller's permissions. Read-only rooms,
+        the lobby and permissions are today's settings: 2018 rooms never have them."""
+        if room["type"] not in ROOM_TYPES:
+            raise Refused("no-calls-here")
+        if room["read_only"]:
+            raise Refused("read-only")
+        permissions = effective_permissions(room, me)
+        if lobby_active(room, now) and not permissions & PERM_LOBBY_IGNORE:
+            raise Refused("lobby")
+        if not permissions & PERM_CALL_JOIN:
+            raise Refused("may-not-join-call")
+        return permissions
+
+    def join_call(self, actor, token, find_session, flags, silent=False) -> None:
+        """Join the call with the session `find_session(db, me)` picks (None: 404).
+
+        The first one in starts the call, if allowed to. The in-call bit is
+        implied; audio and video stay only with the permission to publish them.
+        """
+        now = self.now()
+        with self.talk.db.write() as db:
+            room, me = room_for(db, actor, token, SEE)
+            session = find_session(db, me)
+            if session is None:
+                raise Refused("no-session")
+            permissions = self.call_rules(room, me, now)
+            expire_calls(db, room, now)
+            running = in_call_count(db, room["id"], now - CALL_TIMEOUT_SECONDS) > 0
+            if not running and not permissions & PERM_CALL_START:
+                raise Refused("may-not-start-call")
+            rejoin = bool(call_flags_now(session, now))
+            set_call_flags(db, session["id"], publishable(flags | FLAG_IN_CALL, permissions))
+            touch_session(db, session["id"], me["id"], now)
+            if not running:
+                set_call_start(db, room["id"], now)
+                call_system_message(db, room["id"], me, "call_started", now)
+            elif not rejoin:
+                call_system_message(db, room["id"], me, "call_joined", now)
+        self.talk.room_changed(room["id"])
+
+    def change_call_flags(self, actor, token, find_session, flags) -> None:
+        """Change a session's in-call flags (audio, video, phone) while in the call."""
+        now = self.now()
+        with self.talk.db.write() as db:
+            room, me = room_for(db, actor, token, SEE)
+            session = find_session(db, me)
+            if session is None:
+                raise Refused("no-session")
+            if not call_flags_now(session, now):
+                raise Refused("not-in-call")
+            if not flags & FLAG_IN_CALL:
+                raise Refused("bad-flags")
+            set_call_flags(db, session["id"], publishable(flags, effective_permissions(room, me)))
+            touch_session(db, session["id"], me["id"], now)
+        self.talk.room_changed(room["id"])
+
+    def leave_call(self, actor, token, find_session, everyone=False) -> None:
+        """Leave the call (staying in the room); a moderator may end it for everyone.
+        The last one out ends it."""
+        now = self.now()
+        with self.talk.db.write() as db:
+            room, me = room_for(db, actor, token, SEE)
+            session = find_session(db, me)
+            if session is None:
+                raise Refused("no-session")
+            if everyone and me["participant_type"] in MODERATOR_TYPES:
+                leave_calls(db, room["id"])
+                if room["call_start_time"]:
+                    set_call_start(db, room["id"], 0)
+                    call_system_message(db, room["id"], me, "call_ended_everyone", now)
+            else:
+                was_in_call = bool(call_flags_now(session, now))
+                set_call_flags(db, session["id"], 0)
+                # The last one out ends the call: call_ended, not call_left (as Talk).
+                ended = room["call_start_time"] and not in_call_count(
+                    db, room["id"], now - CALL_TIMEOUT_SECONDS
+                )
+                if was_in_call and not ended:
+                    call_system_message(db, room["id"], me, "call_left", now)
+                end_call_if_empty(db, room, me, now)
         self.talk.room_changed(room["id"])
 
     def promote(self, actor, token, find) -> None:
@@ -5361,15 +5640,13 @@ def room_list(rq):
     # anything or the second changes (the active window counts in seconds;
     # changes by other processes, such as the command line, show a second later).
     key = (rq.actor.user_id, talk.db.generation, now)
-    answer = talk.room_lists.get(key)
-    if answer is None:
+
+    def build():
         with talk.db.read() as db:
             rooms = rooms_of(db, rq.actor.user_id)
-        answer = [room_json(room, rows, rq.actor, now) for room, rows in rooms]
-        if len(talk.room_lists) > 1000:
-            talk.room_lists.clear()
-        talk.room_lists[key] = answer
-    return answer
+        return [room_json(room, rows, rq.actor, now) for room, rows in rooms]
+
+    return shared_answer(talk.room_lists, key, build)
 
 
 def room_get(rq, token):
@@ -5490,11 +5767,7 @@ def call_peers_list(rq, token):
 
 def call_join(rq, token):
     """POST /call/{token}: Join a call."""
-    with rq.talk.db.write() as db:
-        room, me = room_for(db, rq.actor, token, JOINED)
-        set_in_call(db, me["session_id"], True)
-        touch(db, me["id"], rq.now)
-    rq.talk.room_changed(room["id"])
+    rq.talk.rooms.join_call(rq.actor, token, newest_session, FLAG_IN_CALL)
     return []
 
 
@@ -5502,21 +5775,18 @@ def call_ping(rq, token):
     """POST /call/{token}/ping: Send ping to keep the call alive."""
     with rq.talk.db.write() as db:
         _, me = room_for(db, rq.actor, token, JOINED)
-        touch(db, me["id"], rq.now)
+        touch_session(db, me["session_id"], me["id"], rq.now)
     return []
 
 
 def call_leave(rq, token):
     """DELETE /call/{token}: Leave a call (but staying in the room for future calls and chat)."""
-    with rq.talk.db.write() as db:
-        room, me = room_for(db, rq.actor, token, SEE)
+    with rq.talk.db.read() as db:
+        room_for(db, rq.actor, token, SEE)
         # As Talk 3.1: a guest with no session anywhere is simply told 200.
         if rq.actor.is_guest and not guest_has_session(db, rq.actor.guest_id):
             return []
-        if me is None or me["session_id"] == "0":
-            fail(404, "Room not found")
-        set_in_call(db, me["session_id"], False)
-    rq.talk.room_changed(room["id"])
+    rq.talk.rooms.leave_call(rq.actor, token, newest_session)
     return []
 
 
@@ -5567,6 +5837,32 @@ def chat_receive(rq, token):
             if rows:
                 break  # the sends handed us exactly what we wait for
     return [message_json(row, room["token"]) for row in reversed(rows)]
+
+
+PING_EVERY = 5  # seconds: a receive refreshes a session at most this often (SD card)
+
+
+def keep_alive(rq, me) -> None:
+    """No ping: today's chat receive keeps the caller's session alive, writing
+    at most every PING_EVERY seconds (SPEC 2 keeps the 2018 receive from it)."""
+    if me is None:
+        return
+    with rq.talk.db.read() as db:
+        session = rq.own_session(db, me)
+    stamp = session["last_ping"] if session is not None else me["last_ping"]
+    if stamp >= rq.now - PING_EVERY:
+        return
+    with rq.talk.db.write() as db:
+        seen(rq, db, me, rq.now)
+
+
+def seen(rq, db, me, now) -> None:
+    """The caller was seen now: its row, and the session its device holds (no ping)."""
+    session = rq.own_session(db, me)
+    if session is None:
+        touch(db, me["id"], now)
+    else:
+        touch_session(db, session["id"], me["id"], now)
 
 
 def messages_in_news(news, start) -> list:
@@ -5643,6 +5939,7 @@ def chat_receive_modern(rq, token):
     with talk.db.read() as db:
         room, me = room_for(db, rq.actor, token, CHAT)
         outside_lobby(room, me, rq.now)
+    keep_alive(rq, me)
     if not future:
         with talk.db.read() as db:
             rows = messages_page(db, room["id"], known, limit, False, inclusive)
@@ -5785,7 +6082,7 @@ def chat_send(rq, token):
         )
         mark_mentions(db, room["id"], row["id"], users, everyone, me["id"])
         set_read_marker(db, me["id"], room["id"], row["id"], row["legacy_seq"])
-        touch(db, me["id"], now)
+        seen(rq, db, me, now)
         common = last_common_read(db, room["id"]) if modern else 0
     if expires:
         rq.talk.expire_at(expires)
@@ -6171,19 +6468,28 @@ def turn_credentials(secret: str, now: int) -> tuple[str, str]:
     return username, base64.b64encode(digest).decode("ascii")
 
 
-def signaling_settings(rq):
-    """GET /signaling/settings: STUN and TURN servers for WebRTC."""
-    talk = rq.talk
-    stun = [{"url": f"stun:{secrets.choice(talk.stun_servers)}"}] if talk.stun_servers else []
+def ice_servers(talk, now) -> tuple[list[str], list[dict]]:
+    """The configured STUN URLs, and the TURN servers ({urls, username, credential})
+    with fresh credentials; both generations' signaling settings shape these."""
+    stun = [f"stun:{server}" for server in talk.stun_servers]
     turn = []
     if talk.turn_server and talk.turn_secret:
-        username, credential = turn_credentials(talk.turn_secret, rq.now)
+        username, credential = turn_credentials(talk.turn_secret, now)
         for transport in ("udp", "tcp"):
             urls = [f"turn:{talk.turn_server}?transport={transport}"]
-            turn.append(
-                {"url": urls, "urls": urls, "username": username, "credential": credential}
-            )
-    return {"server": "", "ticket": "", "stunservers": stun, "turnservers": turn}
+            turn.append({"urls": urls, "username": username, "credential": credential})
+    return stun, turn
+
+
+def signaling_settings(rq):
+    """GET /signaling/settings: STUN and TURN servers for WebRTC."""
+    stun, turn = ice_servers(rq.talk, rq.now)
+    return {
+        "server": "",
+        "ticket": "",
+        "stunservers": [{"url": secrets.choice(stun)}] if stun else [],
+        "turnservers": [{"url": entry["urls"], **entry} for entry in turn],
+    }
 
 
 def signaling_session(rq, db, token):
@@ -6212,44 +6518,60 @@ def parse_signaling_messages(raw) -> list:
     return raw
 
 
-def signaling_send(rq, token=None):
-    """POST /signaling and /signaling/{token}: Send signaling messages."""
+def relay_signaling(talk, db, items, my_session, room_id, now, control=True) -> set[str]:
+    """Queue the `messages` items for their recipients; the sessions to wake.
+
+    Only `ev: message` items of the caller's own session count (a spoofed one
+    is dropped); `fn` (a JSON string or object) goes to the session in its
+    `to`, if that is in the same room, with the server's `from`, delivered as
+    a JSON string. Without `control`, `type: control` items are dropped.
+    """
+    woken = set()
+    expire_signaling(db, now - SIGNALING_TTL)
+    for item in items:
+        if item.get("ev") != "message" or item.get("sessionId") != my_session:
+            continue
+        payload = item.get("fn")
+        if isinstance(payload, str):
+            if len(payload) > SIGNALING_MESSAGE_MAX:
+                fail(413, "Signaling message too large")
+            try:
+                payload = json.loads(payload)
+            except ValueError:
+                fail(400, "fn is not valid JSON")
+        if not isinstance(payload, dict) or not isinstance(payload.get("to"), str):
+            fail(400, "fn must be an object with a recipient session in to")
+        if payload.get("type") == "control" and not control:
+            continue
+        recipient = session_by_id(db, payload["to"])
+        if recipient is None or recipient["room_id"] != room_id:
+            continue  # only sessions of the same room receive
+        if queued_count(db, payload["to"]) >= talk.signaling_queue_max:
+            fail(429, "The recipient's signaling queue is full")
+        payload["from"] = my_session
+        queue_signaling(db, payload["to"], my_session, json.dumps(payload), now)
+        woken.add(payload["to"])
+    return woken
+
+
+def signaling_messages(rq) -> list:
+    """The `messages` parameter (form field or JSON body), else 400."""
     if not rq.has("messages"):
         fail(400, "Missing parameter messages")
-    items = parse_signaling_messages(rq.params["messages"])
+    return parse_signaling_messages(rq.params["messages"])
+
+
+def signaling_send(rq, token=None):
+    """POST /signaling and /signaling/{token}: Send signaling messages."""
+    items = signaling_messages(rq)
     now, talk = rq.now, rq.talk
-    woken = set()
     with talk.db.write() as db:
         my_session, room_id = signaling_session(rq, db, token)
         if my_session is None:
             fail(404, "No session", [{"type": "usersInRoom", "data": []}])
         sender = session_by_id(db, my_session)
-        touch(db, sender["participant_id"], now)
-        expire_signaling(db, now - SIGNALING_TTL)
-        for item in items:
-            if item.get("ev") != "message":
-                continue
-            # Only the caller's own session may send; a spoofed one is dropped.
-            if item.get("sessionId") != my_session:
-                continue
-            payload = item.get("fn")
-            if isinstance(payload, str):
-                if len(payload) > SIGNALING_MESSAGE_MAX:
-                    fail(413, "Signaling message too large")
-                try:
-                    payload = json.loads(payload)
-                except ValueError:
-                    fail(400, "fn is not valid JSON")
-            if not isinstance(payload, dict) or not isinstance(payload.get("to"), str):
-                fail(400, "fn must be an object with a recipient session in to")
-            recipient = session_by_id(db, payload["to"])
-            if recipient is None or recipient["room_id"] != room_id:
-                continue  # only sessions of the same room receive
-            if queued_count(db, payload["to"]) >= talk.signaling_queue_max:
-                fail(429, "The recipient's signaling queue is full")
-            payload["from"] = my_session
-            queue_signaling(db, payload["to"], my_session, json.dumps(payload), now)
-            woken.add(payload["to"])
+        touch_session(db, my_session, sender["participant_id"], now)
+        woken = relay_signaling(talk, db, items, my_session, room_id, now)
     talk.notifier.notify(*(session_key(s) for s in woken))
     return []
 
@@ -6263,7 +6585,7 @@ def signaling_receive(rq, token=None):
         my_session, room_id = signaling_session(rq, db, token)
         if my_session is None:
             raise gone
-        touch(db, session_by_id(db, my_session)["participant_id"], rq.now)
+        touch_session(db, my_session, session_by_id(db, my_session)["participant_id"], rq.now)
     with talk.notifier.listen(room_key(room_id), session_key(my_session)) as waiter:
         with talk.db.read() as db:
             pending = has_signaling(db, my_session)
@@ -6280,6 +6602,152 @@ def signaling_receive(rq, token=None):
     answer = [{"type": "message", "data": data} for data in messages]
     answer.append({"type": "usersInRoom", "data": [user_in_room_json(u) for u in users]})
     return answer
+
+
+# ---------------------------------------------------------------------------
+# Routes, API v3 and v4 (today): Calls and internal signaling
+# ---------------------------------------------------------------------------
+
+# A signaling poll's answer when its session is gone (the apps read the list).
+NO_USERS = [{"type": "usersInRoom", "data": []}]
+
+
+def may_call(rq, db, room, me) -> bool:
+    """Whether the caller may join a call: in `room` when given, else anywhere
+    (users, and guests who joined a room). Only they get TURN credentials."""
+    if room is None:
+        return not rq.actor.is_guest or guest_has_session(db, rq.actor.guest_id)
+    if me is None:  # a public room they may join, with its default permissions
+        return room["type"] == ROOM_PUBLIC and bool(default_permissions(room) & PERM_CALL_JOIN)
+    return bool(effective_permissions(room, me) & PERM_CALL_JOIN)
+
+
+def signaling_settings_v3(rq):
+    """GET /signaling/settings: Internal signaling, STUN and TURN servers (API v3)."""
+    token = rq.text("token", "")
+    with rq.talk.db.read() as db:
+        room, me = room_for(db, rq.actor, token, SEE) if token else (None, None)
+        allowed = may_call(rq, db, room, me)
+    stun, turn = ice_servers(rq.talk, rq.now)
+    user_id = rq.actor.user_id
+    return {
+        "signalingMode": "internal",
+        "userId": user_id,
+        "hideWarning": False,
+        # Empty strings: the apps test `server` for emptiness to pick internal signaling.
+        "server": "",
+        "ticket": "",
+        "helloAuthParams": {"1.0": {"userid": user_id, "ticket": ""}, "2.0": {"token": ""}},
+        "stunservers": [{"urls": stun}] if stun else [],
+        "turnservers": turn if allowed else [],
+        "sipDialinInfo": "",
+        "federation": None,
+    }
+
+
+def signaling_session_v3(rq, db, token, now):
+    """The room, the caller's row and its session (seen now), else the 404 the apps expect."""
+    room = room_by_token(db, token)
+    me = participant_of(db, room["id"], rq.actor.user_id, rq.actor.guest_id) if room else None
+    session = rq.own_session(db, me)
+    if session is None:
+        fail(404, "No session", NO_USERS)
+    touch_session(db, session["id"], me["id"], now)
+    return room, me, session
+
+
+@long_poll(lambda query: True)
+def signaling_pull(rq, token):
+    """GET /signaling/{token}: Receive signaling messages (API v3 long-poll).
+
+    The session is the one the device cookie names, else the caller's newest
+    live one. Answers the queued messages at once, else waits until one
+    comes, the room's participants change (refresh-participant-list) or 30 s
+    pass; then always usersInRoom. A session gone meanwhile: 409 while the
+    caller is still a participant (another join replaced it), else 404.
+    """
+    talk = rq.talk
+    now = rq.now
+    with talk.db.write() as db:
+        room, me, session = signaling_session_v3(rq, db, token, now)
+        expired = expire_calls(db, room, now)
+    if expired:
+        talk.room_changed(room["id"])
+    room_id, my_session = room["id"], session["id"]
+    with talk.notifier.listen(room_key(room_id), session_key(my_session)) as waiter:
+        with talk.db.read() as db:
+            pending = has_signaling(db, my_session) or talk.room_news_for(my_session, room_id)
+        if not pending:
+            talk.notifier.wait(waiter, SIGNALING_TIMEOUT, rq.wait_cancelled)
+    now = rq.now
+    version = talk.room_version(room_id)
+    with talk.db.write() as db:
+        if session_by_id(db, my_session) is None:
+            room = room_by_id(db, room_id)
+            still = room is not None and participant_of(
+                db, room_id, rq.actor.user_id, rq.actor.guest_id) is not None
+            fail(409 if still else 404, "Session ended" if still else "No session", NO_USERS)
+        touch_session(db, my_session, me["id"], now)
+        messages = take_signaling(db, my_session, now - SIGNALING_TTL)
+        room = room_by_id(db, room_id)
+        users = live_sessions(db, room_id, now - CALL_TIMEOUT_SECONDS)
+    talk.saw_room(my_session, version)
+    answer = [{"type": "message", "data": data} for data in messages]
+    answer.append(
+        {"type": "usersInRoom", "data": [signaling_session_json(room, u, now) for u in users]}
+    )
+    return answer
+
+
+def signaling_push(rq, token):
+    """POST /signaling/{token}: Send signaling messages (API v3); `control` from moderators only."""
+    items = signaling_messages(rq)
+    talk, now = rq.talk, rq.now
+    with talk.db.write() as db:
+        room, me, session = signaling_session_v3(rq, db, token, now)
+        moderator = me["participant_type"] in MODERATOR_TYPES
+        woken = relay_signaling(talk, db, items, session["id"], room["id"], now, moderator)
+    talk.notifier.notify(*(session_key(s) for s in woken))
+    return []
+
+
+def call_flags_param(rq, name, default=None) -> int:
+    """In-call flags: an integer of the bits 1, 2, 4 and 8, else 400."""
+    flags = rq.integer(name, default, minimum=0, required=default is None)
+    if flags & ~CALL_FLAGS_ALL:
+        fail(400, f"{name} must be a combination of 1, 2, 4 and 8")
+    return flags
+
+
+def call_peers_v4(rq, token):
+    """GET /call/{token}: Get the sessions in the call (API v4)."""
+    now = rq.now
+    with rq.talk.db.read() as db:
+        room, me = room_for(db, rq.actor, token, ROW)
+        outside_lobby(room, me, now)
+        rows = live_sessions(db, room["id"], now - CALL_TIMEOUT_SECONDS)
+    return [call_peer_v4_json(row, room["token"]) for row in rows if call_flags_now(row, now)]
+
+
+def call_join_v4(rq, token):
+    """POST /call/{token}: Join the call with `flags` (default 7), `silent` (API v4)."""
+    flags = call_flags_param(rq, "flags", CALL_FLAGS_DEFAULT)
+    silent = rq.boolean("silent", False)
+    rq.talk.rooms.join_call(rq.actor, token, rq.own_session, flags, silent)
+    return []
+
+
+def call_update_v4(rq, token):
+    """PUT /call/{token}: Change the in-call flags (API v4)."""
+    rq.talk.rooms.change_call_flags(rq.actor, token, rq.own_session, call_flags_param(rq, "flags"))
+    return []
+
+
+def call_leave_v4(rq, token):
+    """DELETE /call/{token}: Leave the call; `all=true` ends it for everyone (moderators)."""
+    everyone = rq.boolean("all", False)
+    rq.talk.rooms.leave_call(rq.actor, token, rq.own_session, everyone)
+    return []
 
 
 # ---------------------------------------------------------------------------
@@ -6311,11 +6779,11 @@ def conversation_parts(rq, db, room, session_id=None) -> tuple[dict, sqlite3.Row
     my_session, unread = None, 0
     last = last_message_of(db, room, now)
     if mine is not None:
-        own = sessions_of(db, mine["id"])
         if session_id is not None:
+            own = sessions_of(db, mine["id"])
             my_session = next((s for s in own if s["id"] == session_id), None)
         else:
-            my_session = device_session(own, rq.device(), now - ACTIVE_SECONDS)
+            my_session = rq.own_session(db, mine)
         unread = unread_count(room, mine)
     extras = {"last_message": last, "unread": unread}
     sessions = sessions_of_room(db, room["id"])
@@ -6347,23 +6815,21 @@ def conversation_list(rq):
     # As on the 2018 route, an answer is reused until this process writes
     # anything or the second changes; the device names the caller's sessions.
     key = ("v4", rq.actor.user_id, rq.device(), since, include_status, talk.db.generation, now)
-    answers = talk.room_lists.get(key)
-    if answers is not None:
+
+    def build():
+        answers = []
+        with talk.db.read() as db:
+            for room in rooms_with(db, rq.actor.user_id):
+                answer, mine = conversation_parts(rq, db, room)
+                # With includeStatus every one-to-one room comes (its partner's status may change).
+                one_to_one = include_status and room["type"] == ROOM_ONE_TO_ONE
+                if not since or one_to_one or changed_since(room, answer, mine, since):
+                    answers.append(answer)
+            if include_status:
+                add_statuses(db, answers, now)
         return answers
-    answers = []
-    with talk.db.read() as db:
-        for room in rooms_with(db, rq.actor.user_id):
-            answer, mine = conversation_parts(rq, db, room)
-            # With includeStatus every one-to-one room comes (its partner's status may change).
-            one_to_one = include_status and room["type"] == ROOM_ONE_TO_ONE
-            if not since or one_to_one or changed_since(room, answer, mine, since):
-                answers.append(answer)
-        if include_status:
-            add_statuses(db, answers, rq.now)
-    if len(talk.room_lists) > 1000:
-        talk.room_lists.clear()
-    talk.room_lists[key] = answers
-    return answers
+
+    return shared_answer(talk.room_lists, key, build)
 
 
 def add_statuses(db, answers, now) -> None:
@@ -6602,9 +7068,8 @@ def attendee_join(rq, token):
 def attendee_leave(rq, token):
     """DELETE /room/{token}/participants/active: Leave (this device's session ends)."""
     with rq.talk.db.read() as db:
-        room, me = room_for(db, rq.actor, token, SEE)
-        own = sessions_of(db, me["id"]) if me is not None else []
-    session = device_session(own, rq.device(), rq.now - ACTIVE_SECONDS)
+        _, me = room_for(db, rq.actor, token, SEE)
+        session = rq.own_session(db, me)
     if session is not None:
         rq.talk.rooms.leave(rq.actor, token, session["id"])
     return []
@@ -7870,6 +8335,18 @@ ROUTES_V4 = [
     ("DELETE", "/room/<token>/participants/active", attendee_leave, PUBLIC),
     ("POST", "/room/<token>/moderators", attendee_promote, USERS),
     ("DELETE", "/room/<token>/moderators", attendee_demote, USERS),
+    # Calls
+    ("GET", "/call/<token>", call_peers_v4, PUBLIC),
+    ("POST", "/call/<token>", call_join_v4, PUBLIC),
+    ("PUT", "/call/<token>", call_update_v4, PUBLIC),
+    ("DELETE", "/call/<token>", call_leave_v4, PUBLIC),
+]
+
+# API v3 (today), under /ocs/v{1,2}.php/apps/spreed/api/v3: internal signaling.
+ROUTES_V3 = [
+    ("GET", "/signaling/settings", signaling_settings_v3, PUBLIC),
+    ("GET", "/signaling/<token>", signaling_pull, PUBLIC),
+    ("POST", "/signaling/<token>", signaling_push, PUBLIC),
 ]
 
 # Capabilities and provisioning, under /ocs/v{1,2}.php/cloud (SPEC 8, 9).
@@ -7979,6 +8456,7 @@ BOT_ROUTES = [
 ROUTE_TABLES = [
     (API_PREFIX, 1, ROUTES),
     (API_PREFIX, 1, CHAT_ROUTES),
+    (API_V3_PREFIX, 3, ROUTES_V3),
     (API_PREFIX, 1, BOT_ROUTES),
     (API_V4_PREFIX, 4, ROUTES_V4),
     (CLOUD_PREFIX, 1, CLOUD_ROUTES),
@@ -8039,7 +8517,7 @@ class Talk:
         if durability not in ("full", "normal"):
             raise ValueError("durability must be full or normal")
         self.db = Database(db_path, durability)
-        self.room_lists: dict[tuple, list] = {}  # GET /room answers, see room_list
+        self.room_lists: dict[tuple, dict] = {}  # GET /room answers, see shared_answer
         self.avatars = BoundedCache(AVATAR_CACHE_ENTRIES)  # generated PNGs, see avatar_png
         self.clock = clock
         self.threads = threads
@@ -8071,6 +8549,24 @@ class Talk:
         upcoming = self.expire_messages()
         if upcoming is not None:
             self.expire_at(upcoming)
+        # refresh-participant-list (signaling v3): a room's latest change, and
+        # the change each session's last usersInRoom showed; a poll whose room
+        # changed since answers at once. In memory: a restart answers once more.
+        self._changes = itertools.count(1)
+        self.room_versions: dict[int, int] = {}
+        self.seen_versions: dict[str, int] = {}
+
+    def room_version(self, room_id) -> int:
+        return self.room_versions.get(room_id, 0)
+
+    def room_news_for(self, session_id, room_id) -> bool:
+        """Whether the room changed since this session's last usersInRoom (or it has none)."""
+        return self.seen_versions.get(session_id) != self.room_version(room_id)
+
+    def saw_room(self, session_id, version) -> None:
+        if len(self.seen_versions) > 10000:
+            self.seen_versions.clear()  # sessions gone long ago; the live ones answer once more
+        self.seen_versions[session_id] = version
 
     def room_changed(self, room_id, chat=False):
         """Wake the room's signaling polls (and chat polls when the room went).
@@ -8079,6 +8575,7 @@ class Talk:
         new message as news: the change may have cost them the room. Today's
         chat polls are woken too: the change may have written a system message.
         """
+        self.room_versions[room_id] = next(self._changes)
         self.notifier.taint(chat_key(room_id))
         keys = [room_key(room_id), modern_chat_key(room_id)]
         if chat:
@@ -8242,6 +8739,15 @@ def ocs_callback(talk, handler, who, generation=1, max_body=None):
         if isinstance(result, Reply) and result.status == 304:
             bottle.response.status = 304  # today's chat: nothing new, and no body
             return b""
+        if isinstance(result, Shared):
+            body = result.entry.get((version, fmt))
+            if body is None:
+                body = envelope(version, fmt, 200, result.entry["data"])
+                result.entry[(version, fmt)] = body
+            else:
+                bottle.response.status = 200
+                bottle.response.content_type = CONTENT_TYPES[fmt]
+            return body
         if isinstance(result, Reply):
             return envelope(version, fmt, result.status, result.data)
         return envelope(version, fmt, 200, result)
