@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import API
-from helpers import add, create, join, promote
+from helpers import create, join
 
 import talk_server
 
@@ -102,13 +102,9 @@ def drained(app):
 
 
 @pytest.fixture
-def team(alice, bob, carol):
-    """A group room "Team": alice owner, bob moderator, carol member."""
-    token = create(alice, 2, roomName="Team")
-    add(alice, token, "bob")
-    promote(alice, token, "bob")
-    add(alice, token, "carol")
-    return token
+def team(group_room):
+    """conftest's group room "Team": alice owner, bob moderator, carol member."""
+    return group_room
 
 
 @pytest.fixture
