@@ -237,7 +237,9 @@ def ocs_meta(version, status, message):
     # Failed authentication carries Nextcloud's statuscode 997 (SPEC 1.5).
     code = 997 if status == 401 else status
     if version == 1:
-        code = 100 if 200 <= status < 300 else code
+        # Only a 200 becomes 100: a 201 keeps its code, and so its status is
+        # "failure", as Nextcloud's OCS v1 answers it (SPEC 1.3).
+        code = 100 if status == 200 else code
         return {
             "status": "ok" if code == 100 else "failure",
             "statuscode": code,
@@ -259,8 +261,16 @@ def http_status(version, status):
     return status
 
 
+# Characters XML 1.0 cannot carry at all, even escaped: C0 controls but tab,
+# newline and carriage return, lone surrogates, U+FFFE and U+FFFF.
+XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def xml_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """Escape for XML text and attributes; characters XML cannot carry become
+    U+FFFD, so no stored value can make an answer unparseable."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return XML_INVALID.sub("\ufffd", text)
 
 
 def xml_value(value):
@@ -349,8 +359,10 @@ SCHEMA_VERSION = 2
 # They run with foreign keys off (a table rebuild must not cascade), and are
 # frozen: a later schema.sql changes nothing here.
 MIGRATIONS: list[str] = [
-    # 2: sign-in for apps, today's conversations and several sessions per attendee.
+    # 2: sign-in for apps, today's conversations and several sessions per attendee;
+    # incremental vacuum (migrate() then runs the VACUUM that applies it).
     """
+    PRAGMA auto_vacuum = INCREMENTAL;
     ALTER TABLE users ADD COLUMN email TEXT NOT NULL DEFAULT '';
     ALTER TABLE users ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1;
     CREATE TABLE server_secrets (
@@ -447,12 +459,28 @@ MIGRATIONS: list[str] = [
 ]
 
 
+def create_private_file(path) -> None:
+    """Create `path` readable and writable by its owner only, unless it exists.
+
+    SQLite gives the -wal and -shm files the database file's permissions, so
+    rooms, chat and password hashes stay private whatever the umask.
+    """
+    if str(path) == ":memory:" or str(path).startswith("file:"):
+        return
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def connect(path, durability="full") -> sqlite3.Connection:
     """Open the database for one thread at a time, in WAL mode, autocommit."""
+    create_private_file(path)
     conn = sqlite3.connect(
         str(path), timeout=10, isolation_level=None, check_same_thread=False
     )
     conn.row_factory = sqlite3.Row
+    # Only takes effect on a new, empty file (and must come before WAL mode):
+    # freed pages can then go back to the file system (reclaim_pages).
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute("PRAGMA journal_mode = WAL")
     # FULL syncs the WAL on every commit: an answered write survives a power
     # cut. NORMAL may lose the last commits on power loss (never corrupts).
@@ -496,6 +524,11 @@ def migrate(conn):
         _migrate(conn)
     finally:
         conn.execute("PRAGMA foreign_keys = ON")
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        # A database made before incremental vacuum: one VACUUM (outside any
+        # transaction) rebuilds the file so that it can shrink from now on.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
 
 
 def _migrate(conn):
@@ -1721,6 +1754,19 @@ def has_signaling(db, recipient: str) -> bool:
     )
 
 
+def reclaim_pages(db, limit: int = 20000) -> int:
+    """Give up to `limit` free pages back to the file system; how many were freed.
+
+    Python's sqlite3 steps `PRAGMA incremental_vacuum` once, which frees one
+    page, hence the loop (microseconds a page).
+    """
+    freed = 0
+    while freed < limit and db.execute("PRAGMA freelist_count").fetchone()[0]:
+        db.execute("PRAGMA incremental_vacuum(1)")
+        freed += 1
+    return freed
+
+
 def expire_signaling(db, before: int) -> None:
     db.execute("DELETE FROM signaling WHERE created <= :before", {"before": before})
 
@@ -2264,6 +2310,11 @@ def read_body(environ, max_body):
     fail(400, f"Unsupported content type {ctype}")
 
 
+# C0 controls other than tab, newline and carriage return: refused on input
+# (an XML answer could not carry them, and no client needs them).
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
 def text_value(name, value, default=None, required=False) -> str | None:
     """A raw parameter as a string; numbers are taken as their text, other types 400."""
     if value is None:
@@ -2272,7 +2323,10 @@ def text_value(name, value, default=None, required=False) -> str | None:
         return default
     if isinstance(value, bool) or not isinstance(value, str | int):
         fail(400, f"Parameter {name} must be a string")
-    return str(value)
+    value = str(value)
+    if CONTROL_CHARACTERS.search(value):
+        fail(400, f"Parameter {name} contains a control character")
+    return value
 
 
 class Call:
@@ -2825,8 +2879,7 @@ class Rooms:
             elif room_type == ROOM_GROUP:
                 members = []
                 if invite:
-                    if not group_exists(db, invite):
-                        raise Refused("no-group")
+                    self.check_group(db, actor, invite)
                     members = [u for u in group_members(db, invite) if u != me]
                 room = create_room(db, ROOM_GROUP, name or invite, now)
                 add_participant(db, room["id"], OWNER, 0, user_id=me)
@@ -2842,6 +2895,16 @@ class Rooms:
                 room = create_room(db, ROOM_PUBLIC, name, now)
                 add_participant(db, room["id"], OWNER, 0, user_id=me)
         return room, True
+
+    @staticmethod
+    def check_group(db, actor, group_id) -> None:
+        """Only a member of a group, or an administrator, may pull its members
+        into a room; to anyone else it does not exist (404): a group, `admin`
+        above all, is no list of people to reveal or invite."""
+        if not group_id or not group_exists(db, group_id):
+            raise Refused("no-group")
+        if group_id not in groups_of(db, actor.user_id) and not is_admin(db, actor.user_id):
+            raise Refused("no-group")
 
     def rename(self, actor, token, raw_name, max_length) -> sqlite3.Row:
         """Rename a room (moderators); a one-to-one room's name is its partner.
@@ -2930,8 +2993,7 @@ class Rooms:
             room, _ = room_for(db, actor, token, MODERATE)
             if room["type"] not in (ROOM_GROUP, ROOM_PUBLIC):
                 raise Refused("one-to-one" if room["type"] == ROOM_ONE_TO_ONE else "not-group-or-public")
-            if not group_id or not group_exists(db, group_id):
-                raise Refused("no-group")
+            self.check_group(db, actor, group_id)
             for user_id in group_members(db, group_id):
                 if participant_of(db, room["id"], user_id=user_id) is None:
                     add_participant(db, room["id"], USER, 0, user_id=user_id)
@@ -4021,13 +4083,13 @@ def cloud_users_details(rq):
 
 def cloud_user_add(rq):
     """POST /cloud/users: create a user (administrators)."""
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)  # before any validation (SPEC 9)
     user_id = valid_id(rq.text("userid", ""), "user id")
     password = rq.text("password", "")
     if not password:
         fail(400, "A password is required")
     display_name = rq.text("displayName", "") or rq.text("displayname", "") or user_id
-    with rq.talk.db.read() as db:
-        require_admin(rq, db)
     password_hash = rq.talk.credentials.hash(password)
     with rq.talk.db.write() as db:
         if get_user(db, user_id) is not None:
@@ -4046,14 +4108,14 @@ def cloud_user_get(rq, userid):
 
 def cloud_user_edit(rq, userid):
     """PUT /cloud/users/{userid}: set displayname or password (administrators)."""
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)  # before any validation (SPEC 9)
+        existing_user(db, userid)
     key, value = rq.text("key", ""), rq.text("value", "")
     if key not in ("displayname", "display", "password"):
         fail(400, "key must be displayname or password", v1_code=103)
     if not value:
         fail(400, "value must not be empty", v1_code=102)
-    with rq.talk.db.read() as db:
-        require_admin(rq, db)
-        existing_user(db, userid)
     password_hash = rq.talk.credentials.hash(value) if key == "password" else None
     with rq.talk.db.write() as db:
         existing_user(db, userid)
@@ -4090,9 +4152,14 @@ def cloud_user_disable(rq, userid):
 
 
 def cloud_user_delete(rq, userid):
-    """DELETE /cloud/users/{userid}: delete a user and their rooms (administrators)."""
+    """DELETE /cloud/users/{userid}: delete a user and their rooms (administrators).
+
+    As Nextcloud, an administrator cannot delete themselves (statuscode 101):
+    the last one would lock administration out."""
     with rq.talk.db.write() as db:
         require_admin(rq, db)
+        if userid == rq.actor.user_id:
+            fail(400, "You cannot delete yourself", v1_code=101)
         existing_user(db, userid)
         rooms = delete_user(db, userid)
     rq.talk.credentials.forget(userid)
@@ -4112,9 +4179,9 @@ def cloud_user_groups(rq, userid):
 
 def cloud_user_group_add(rq, userid):
     """POST /cloud/users/{userid}/groups: add a user to a group (administrators)."""
-    group_id = rq.text("groupid", "")
     with rq.talk.db.write() as db:
         require_admin(rq, db)
+        group_id = rq.text("groupid", "")
         existing_user(db, userid)
         existing_group(db, group_id)
         add_to_group(db, group_id, userid)
@@ -4122,12 +4189,17 @@ def cloud_user_group_add(rq, userid):
 
 
 def cloud_user_group_remove(rq, userid):
-    """DELETE /cloud/users/{userid}/groups: remove a user from a group (administrators)."""
-    group_id = rq.text("groupid", "")
+    """DELETE /cloud/users/{userid}/groups: remove a user from a group (administrators).
+
+    As Nextcloud, nobody leaves group admin themselves (statuscode 105), so
+    the last administrator stays one."""
     with rq.talk.db.write() as db:
         require_admin(rq, db)
+        group_id = rq.text("groupid", "")
         existing_user(db, userid)
         existing_group(db, group_id)
+        if userid == rq.actor.user_id and group_id == ADMIN_GROUP:
+            fail(400, "You cannot remove yourself from the admin group", v1_code=105)
         remove_from_group(db, group_id, userid)
     return []
 
@@ -4161,9 +4233,10 @@ def cloud_groups_details(rq):
 
 def cloud_group_add(rq):
     """POST /cloud/groups: create a group (administrators)."""
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)  # before any validation (SPEC 9)
     group_id = valid_id(rq.text("groupid", ""), "group id")
     with rq.talk.db.write() as db:
-        require_admin(rq, db)
         if group_exists(db, group_id):
             fail(400, "Group already exists", v1_code=102)
         create_group(db, group_id)
@@ -4180,10 +4253,10 @@ def cloud_group_get(rq, groupid):
 
 def cloud_group_delete(rq, groupid):
     """DELETE /cloud/groups/{groupid}: delete a group (administrators)."""
-    if groupid == ADMIN_GROUP:
-        fail(403, "The admin group cannot be deleted")
     with rq.talk.db.write() as db:
         require_admin(rq, db)
+        if groupid == ADMIN_GROUP:
+            fail(403, "The admin group cannot be deleted")
         existing_group(db, groupid)
         delete_group(db, groupid)
     return []
@@ -4780,6 +4853,9 @@ class Talk:
         if chat:
             keys.append(chat_key(room_id))
         self.notifier.notify(*keys)
+        if chat:  # the room went, with its history: let the file shrink
+            with self.db.write() as db:
+                reclaim_pages(db)
 
     def expire_guests(self, token):
         """Delete guest rows inactive past the window, when there are any (SPEC 2)."""
@@ -5247,6 +5323,8 @@ def ensure_user(db, user_id, password, display_name="", admin=False) -> None:
 
 def run_user_command(args, database):
     action = args.action
+    if CONTROL_CHARACTERS.search(getattr(args, "display_name", "") or ""):
+        die("the display name must not contain control characters")
     if action == "list":
         with database.read() as db:
             for row in list_users(db):
@@ -5320,8 +5398,14 @@ def run_group_command(args, database):
 def run_backup(args):
     """Copy the database with SQLite's online backup: consistent while serving."""
     destination = Path(args.destination)
-    if destination.exists():
+    try:
+        # Created here, by the owner for the owner: a backup holds what the
+        # database does (exclusive creation also keeps an existing file).
+        os.close(os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
         die(f"{destination} exists; choose a new file")
+    except OSError as error:
+        die(f"cannot create {destination}: {error}")
     database = open_db(args.db)
     try:
         target = sqlite3.connect(str(destination))
