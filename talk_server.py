@@ -123,7 +123,9 @@ SIGNALING_TTL = 300  # queued signaling messages live five minutes (as Talk)
 SIGNALING_QUEUE_MAX = 500  # per recipient session
 SIGNALING_MESSAGE_MAX = 64 * 1024  # one `fn` payload
 DEFAULT_STUN = "stun.nextcloud.com:443"
-TURN_CREDENTIAL_SECONDS = 24 * 3600
+# TURN credentials open a relay: hours, not the 24 hours of SPEC 7, and only
+# for users and joined guests.
+TURN_CREDENTIAL_SECONDS = 4 * 3600
 
 # Capabilities (SPEC 8, 11): the 2018 names first, then today's, each listed
 # only once its routes work (a listed feature the apps cannot use becomes an
@@ -1522,6 +1524,14 @@ def participant_by_attendee(db, room_id: int, attendee_id):
     ).fetchone()
 
 
+def rename_guest(db, old_guest_id: str, new_guest_id: str) -> None:
+    """Move a guest's rows (and so their sessions) to a new guest identity."""
+    db.execute(
+        "UPDATE participants SET guest_id = :new WHERE guest_id = :old",
+        {"new": new_guest_id, "old": old_guest_id},
+    )
+
+
 def remove_participant(db, participant_id: int) -> None:
     db.execute("DELETE FROM participants WHERE id = :id", {"id": participant_id})
 
@@ -2389,19 +2399,17 @@ class Call:
             if not create:
                 return None
             cookie = secrets.token_urlsafe(32)
-            bottle.response.set_cookie(
-                DEVICE_COOKIE, cookie, path="/", httponly=True, samesite="lax"
-            )
+            set_cookie(DEVICE_COOKIE, cookie)
             bottle.request.cookies[DEVICE_COOKIE] = cookie
         return hashlib.sha256(cookie.encode("utf-8")).hexdigest()
 
-    def guest_id(self) -> str:
-        """The guest's cookie hash, setting a new cookie when it has none."""
-        if self.actor.guest_id is None:
-            cookie = secrets.token_urlsafe(32)
-            bottle.response.set_cookie(
-                GUEST_COOKIE, cookie, path="/", httponly=True, samesite="lax"
-            )
+    def guest_id(self, fresh=False) -> str:
+        """The guest's cookie hash, setting a new (signed) cookie when it has
+        none, or when `fresh`: a new identity once a room password is accepted,
+        so a cookie someone planted no longer reads the room."""
+        if self.actor.guest_id is None or fresh:
+            cookie = new_guest_cookie(self.talk.signin_key)
+            set_cookie(GUEST_COOKIE, cookie)
             self.actor.guest_id = guest_hash(cookie)
         return self.actor.guest_id
 
@@ -2413,6 +2421,31 @@ class Call:
 
 def guest_hash(cookie: str) -> str:
     return hashlib.sha256(cookie.encode("utf-8")).hexdigest()
+
+
+GUEST_COOKIE_PATTERN = re.compile(r"([A-Za-z0-9_-]{32})\.([0-9a-f]{32})")
+
+
+def new_guest_cookie(key: bytes) -> str:
+    """A guest cookie only this server can have made: random.signature."""
+    nonce = secrets.token_urlsafe(24)
+    return f"{nonce}.{keyed_hash(key, 'guest-cookie', nonce)[:32]}"
+
+
+def guest_cookie_ok(key: bytes, cookie) -> bool:
+    """Whether a guest cookie is one this server issued (a chosen one is not)."""
+    match = GUEST_COOKIE_PATTERN.fullmatch(cookie or "")
+    return bool(match) and hmac.compare_digest(
+        match.group(2), keyed_hash(key, "guest-cookie", match.group(1))[:32]
+    )
+
+
+def set_cookie(name: str, value: str) -> None:
+    """Set a cookie for this server's requests only: HttpOnly, SameSite=Lax,
+    Path=/, and Secure when the request came over HTTPS (through a trusted
+    proxy, which Waitress believes about X-Forwarded-Proto)."""
+    secure = bottle.request.environ.get("wsgi.url_scheme") == "https"
+    bottle.response.set_cookie(name, value, path="/", httponly=True, samesite="lax", secure=secure)
 
 
 class Throttle:
@@ -2583,9 +2616,9 @@ def authenticate(talk, environ, need_user: bool) -> Actor:
     if need_user:
         fail(401, "Authentication required")
     cookie = bottle.request.get_cookie(GUEST_COOKIE)
-    if cookie and re.fullmatch(r"[A-Za-z0-9_-]{20,100}", cookie):
+    if guest_cookie_ok(talk.signin_key, cookie):
         return Actor(guest_id=guest_hash(cookie))
-    return Actor()
+    return Actor()  # a cookie the server did not issue is no identity (fixation)
 
 
 def csrf_ok(environ) -> bool:
@@ -2593,8 +2626,9 @@ def csrf_ok(environ) -> bool:
 
 
 # Access levels for room_for, from loosest to tightest.
-SEE, ROW, MEMBER, MODERATE, JOINED, CHAT, CALL_LIST = (
+SEE, LIST, ROW, MEMBER, MODERATE, JOINED, CHAT, CALL_LIST = (
     "see",
+    "list",
     "row",
     "member",
     "moderate",
@@ -2613,7 +2647,8 @@ def outside_lobby(room, me, now) -> None:
 def room_for(db, actor: Actor, token: str, need: str = SEE):
     """The room and the caller's row, or the document's 404 / 403.
 
-    SEE: a row, or a public room. ROW: any row. MEMBER: a user row of type
+    SEE: a row, or a public room. LIST: a row, or a public room without a
+    password. ROW: any row. MEMBER: a user row of type
     1-3. MODERATE: 1-2 (403 for other members). JOINED: a session in the
     room. CHAT: members, joined or not, and joined type 4/5 (SPEC 6).
     CALL_LIST: joined or member (SPEC 5).
@@ -2626,6 +2661,8 @@ def room_for(db, actor: Actor, token: str, need: str = SEE):
     joined = me is not None and me["session_id"] != "0"
     allowed = {
         SEE: me is not None or room["type"] == ROOM_PUBLIC,
+        # Who is in a password room is for those who gave the password.
+        LIST: me is not None or (room["type"] == ROOM_PUBLIC and not room["password_hash"]),
         ROW: me is not None,
         MEMBER: is_member,
         MODERATE: is_member,
@@ -3081,9 +3118,13 @@ class Rooms:
                 self.talk.room_throttle.failed(address)
                 raise Refused("wrong-password")
             self.talk.room_throttle.succeeded(address)
-        guest = None if actor.user_id else guest_id()
+        previous = actor.guest_id
+        guest = None if actor.user_id else guest_id(fresh=needs_password)
         now = self.now()
         with self.talk.db.write() as db:
+            if guest is not None and previous not in (None, guest):
+                # The guest keeps its rows in other rooms under the new identity.
+                rename_guest(db, previous, guest)
             room, me = room_for(db, actor, token, SEE)
             if me is None:
                 kind = USER_SELF_JOINED if actor.user_id else GUEST
@@ -3311,7 +3352,7 @@ def participant_list(rq, token):
     """GET /room/{token}/participants: Get list of participants in a room."""
     rq.talk.expire_guests(token)
     with rq.talk.db.read() as db:
-        room, _ = room_for(db, rq.actor, token, SEE)
+        room, _ = room_for(db, rq.actor, token, LIST)
         rows = participants_of(db, room["id"])
     return [participant_json(row) for row in rows]
 
@@ -3497,12 +3538,23 @@ def turn_credentials(secret: str, now: int) -> tuple[str, str]:
     return username, base64.b64encode(digest).decode("ascii")
 
 
+def may_relay(rq) -> bool:
+    """Whether the caller may have TURN credentials: a user, or a guest who has
+    joined a room. Anyone else would have an open relay for the asking."""
+    if rq.actor.user_id:
+        return True
+    if rq.actor.guest_id is None:
+        return False
+    with rq.talk.db.read() as db:
+        return guest_has_session(db, rq.actor.guest_id)
+
+
 def signaling_settings(rq):
     """GET /signaling/settings: STUN and TURN servers for WebRTC."""
     talk = rq.talk
     stun = [{"url": f"stun:{secrets.choice(talk.stun_servers)}"}] if talk.stun_servers else []
     turn = []
-    if talk.turn_server and talk.turn_secret:
+    if talk.turn_server and talk.turn_secret and may_relay(rq):
         username, credential = turn_credentials(talk.turn_secret, rq.now)
         for transport in ("udp", "tcp"):
             urls = [f"turn:{talk.turn_server}?transport={transport}"]
@@ -4402,8 +4454,7 @@ def safe_redirect(target) -> str:
 
 def set_page_cookie(name: str, value: str) -> None:
     """A browser-session cookie only this server's pages and requests see."""
-    secure = bottle.request.environ.get("wsgi.url_scheme") == "https"
-    bottle.response.set_cookie(name, value, path="/", httponly=True, samesite="lax", secure=secure)
+    set_cookie(name, value)
 
 
 def presession_token(rq) -> str:

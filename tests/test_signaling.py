@@ -143,7 +143,7 @@ def test_settings_pick_one_of_several_stun_servers(make_custom):
 def test_settings_give_turn_rest_credentials_for_udp_and_tcp(make_custom, clock):
     secret = "turn-shared-secret"
     _, client = make_custom(turn_server="turn.example.org:3478", turn_secret=secret)
-    turn = client().get("/signaling/settings", status=200).data["turnservers"]
+    turn = client("alice").get("/signaling/settings", status=200).data["turnservers"]
     assert [entry["urls"] for entry in turn] == [
         ["turn:turn.example.org:3478?transport=udp"],
         ["turn:turn.example.org:3478?transport=tcp"],
@@ -152,20 +152,21 @@ def test_settings_give_turn_rest_credentials_for_udp_and_tcp(make_custom, clock)
         assert entry["url"] == entry["urls"]
         match = re.fullmatch(r"(\d+):(\S+)", entry["username"])
         assert match, entry["username"]
-        assert int(match.group(1)) == clock() + 86400
+        assert int(match.group(1)) == clock() + talk_server.TURN_CREDENTIAL_SECONDS
         expected = hmac.new(secret.encode(), entry["username"].encode(), hashlib.sha1).digest()
         assert entry["credential"] == base64.b64encode(expected).decode()
 
 
 def test_settings_without_a_turn_secret_list_no_turn_server(make_custom):
     _, client = make_custom(turn_server="turn.example.org:3478")
-    assert client().get("/signaling/settings", status=200).data["turnservers"] == []
+    assert client("alice").get("/signaling/settings", status=200).data["turnservers"] == []
 
 
 def test_turn_credentials_follow_the_turn_rest_convention():
     username, credential = talk_server.turn_credentials("s3cret", 1000)
     expiry, _, rest = username.partition(":")
-    assert expiry == str(1000 + 86400) and rest
+    assert expiry == str(1000 + talk_server.TURN_CREDENTIAL_SECONDS) and rest
+    assert talk_server.TURN_CREDENTIAL_SECONDS <= 6 * 3600  # hours, not a day
     digest = hmac.new(b"s3cret", username.encode(), hashlib.sha1).digest()
     assert base64.b64decode(credential) == digest
 

@@ -1,0 +1,301 @@
+"""Security (issue 14): each weakness a review found by probing a real server.
+
+One section per item of the issue, in its order. Tests that need sockets
+(parallel logins, idle connections, Waitress's own answers) start the real
+server with serve_in_thread on a free loopback port; the rest use WebTest.
+No test measures time: waits end by events, the app's clock or a socket
+answer, and each test would fail on the code before the fix.
+"""
+
+import base64
+import http.client
+import json
+import os
+import socket
+import sqlite3
+import stat
+import threading
+import xml.etree.ElementTree as ET
+
+import pytest
+from conftest import API, CLOUD, PASSWORD, START, Client
+from helpers import add, create, join
+
+import talk_server
+
+V4 = "/ocs/v2.php/apps/spreed/api/v4"
+
+
+def basic(user, password=PASSWORD):
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+# --- 4. TURN credentials only for users and joined guests ---------------------
+
+
+@pytest.fixture
+def turn_app(db_path, clock, password_hash):
+    app = talk_server.make_app(
+        db_path, clock=clock, time_scale=0.01, turn_server="turn.example.org:3478",
+        turn_secret="s3cret",
+    )
+    with app.talk.db.write() as db:
+        talk_server.create_user(db, "alice", password_hash, "Alice")
+    yield app
+    app.talk.close()
+
+
+def test_anonymous_callers_get_no_turn_credentials(turn_app):
+    anonymous = Client(turn_app)
+    data = anonymous.get("/signaling/settings", status=200).data
+    assert data["turnservers"] == []
+    assert data["stunservers"]  # STUN gives nothing away
+
+
+def test_users_and_joined_guests_get_turn_credentials_for_hours(turn_app, clock):
+    alice, guest = Client(turn_app, "alice"), Client(turn_app)
+    token = create(alice, 3, roomName="Open")
+    assert guest.get("/signaling/settings", status=200).data["turnservers"] == []
+    join(guest, token)  # a cookie and a session now
+    for client in (alice, guest):
+        turn = client.get("/signaling/settings", status=200).data["turnservers"]
+        assert len(turn) == 2
+        expiry = int(turn[0]["username"].split(":")[0])
+        assert clock() < expiry <= clock() + 6 * 3600
+
+
+# --- 5. Guest cookies: only server-issued, renewed at the room password -------
+
+
+def test_a_client_chosen_guest_cookie_is_not_an_identity(app, alice):
+    token = create(alice, 3, roomName="Open")
+    planted = "A" * 43
+    victim = Client(app)
+    victim.test.set_cookie(talk_server.GUEST_COOKIE, planted)
+    join(victim, token)
+    issued = victim.test.cookies[talk_server.GUEST_COOKIE]
+    assert issued != planted
+    # The attacker who chose the value has no row, so no chat.
+    attacker = Client(app)
+    attacker.test.set_cookie(talk_server.GUEST_COOKIE, planted)
+    attacker.get(f"/chat/{token}", {"timeout": 0}, status=404)
+
+
+def test_a_room_password_gives_the_guest_a_new_identity(app, alice):
+    """A planted (server-issued) cookie stops working once the victim enters
+    a room password: the attacker cannot read the room the victim entered."""
+    lobby = create(alice, 3, roomName="Lobby")
+    secret_room = create(alice, 3, roomName="Secret")
+    alice.put(f"/room/{secret_room}/password", {"password": "letmein"}, status=200)
+    attacker = Client(app)
+    join(attacker, lobby)
+    planted = attacker.test.cookies[talk_server.GUEST_COOKIE]
+    victim = Client(app)
+    victim.test.set_cookie(talk_server.GUEST_COOKIE, planted)
+    join(victim, secret_room, password="letmein")
+    renewed = victim.test.cookies[talk_server.GUEST_COOKIE]
+    assert renewed != planted
+    victim.post(f"/chat/{secret_room}", {"message": "for the room only"}, status=201)
+    attacker.get(f"/chat/{secret_room}", {"timeout": 0}, status=404)
+    attacker.get(f"/room/{secret_room}/participants", status=404)
+    # The victim keeps the rows of its old identity (the lobby) under the new one.
+    assert victim.get(f"/chat/{lobby}", {"timeout": 0}, status=200).data == []
+    attacker.get(f"/chat/{lobby}", {"timeout": 0}, status=404)
+
+
+def test_cookies_are_secure_behind_an_https_proxy(app, alice):
+    token = create(alice, 3, roomName="Open")
+    guest = Client(app)
+    response = guest.post(
+        f"/room/{token}/participants/active", status=200,
+        headers={},
+    )
+    assert "secure" not in response.headers["Set-Cookie"].lower()
+    guest = Client(app)
+    guest.test.extra_environ = {"wsgi.url_scheme": "https"}
+    response = guest.post(f"/room/{token}/participants/active", status=200)
+    assert "; secure" in response.headers["Set-Cookie"].lower()
+
+
+def test_guest_cookies_are_secure_through_a_trusted_https_proxy_over_http(tmp_path):
+    with talk_server.serve_in_thread(tmp_path / "t.db", trusted_proxy="127.0.0.1") as url:
+        with url.app.talk.db.write() as db:
+            talk_server.create_user(db, "alice", talk_server.hash_password("pw"), "Alice")
+        conn = http.client.HTTPConnection(url.split("//")[1])
+        headers = {"OCS-APIRequest": "true", "Accept": "application/json",
+                   "Authorization": basic("alice", "pw")}
+        conn.request("POST", API + "/room", "roomType=3&roomName=Open",
+                     {**headers, "Content-Type": "application/x-www-form-urlencoded"})
+        token = json.loads(conn.getresponse().read())["ocs"]["data"]["token"]
+        conn.request("POST", API + f"/room/{token}/participants/active", headers={
+            "OCS-APIRequest": "true", "X-Forwarded-Proto": "https",
+            "X-Forwarded-For": "203.0.113.9"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        assert "; secure" in response.getheader("Set-Cookie").lower()
+        conn.close()
+
+
+# --- 6. A password room's participants ----------------------------------------
+
+
+def test_a_password_rooms_participants_are_hidden_until_the_password(app, alice, guest, dave):
+    token = create(alice, 3, roomName="Open")
+    alice.put(f"/room/{token}/password", {"password": "pw"}, status=200)
+    guest.get(f"/room/{token}/participants", status=404)
+    dave.get(f"/room/{token}/participants", status=404)
+    assert guest.get(f"/room/{token}", status=200).data["hasPassword"] is True
+    join(guest, token, password="pw")
+    assert [row["participantType"] for row in guest.get(f"/room/{token}/participants").data] == [
+        1, 4,
+    ]
+    # Without a password the list stays open to anyone who sees the room (SPEC 4).
+    alice.put(f"/room/{token}/password", {"password": ""}, status=200)
+    dave.get(f"/room/{token}/participants", status=200)
+
+
+# --- 7. Control characters ----------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["\x01", "\x1b[31m", "a\x00b", "x\x0by"])
+def test_control_characters_are_refused_on_input(app, alice, bad):
+    token = create(alice, 3, roomName="Open")
+    join(alice, token)
+    alice.post(f"/chat/{token}", {"message": f"hi {bad}"}, status=400)
+    alice.put(f"/room/{token}", {"roomName": f"name {bad}"}, status=400)
+    alice.put("/users/bob", {"key": "displayname", "value": f"Bob {bad}"}, prefix=CLOUD,
+              status=400)
+    alice.post("/room", {"roomType": 3, "roomName": bad}, status=400)
+    assert alice.get(f"/chat/{token}", {"timeout": 0}).data == []
+    assert alice.get(f"/room/{token}").data["name"] == "Open"
+    assert alice.get("/users/bob", prefix=CLOUD).data["displayname"] == "Bob"
+    # Tab, newline and carriage return stay allowed.
+    alice.post(f"/chat/{token}", {"message": "a\tb\r\nc"}, status=201)
+
+
+def test_stored_control_characters_never_break_an_xml_answer(app, alice):
+    """A value stored before the rule (or by the command line) is sent as U+FFFD."""
+    token = create(alice, 3, roomName="Open")
+    join(alice, token)
+    with app.talk.db.write() as db:
+        room = talk_server.room_by_token(db, token)
+        talk_server.add_message(db, room["id"], "users", "alice", "bell\x07 esc\x1b", START)
+        talk_server.set_display_name(db, "alice", "Al\x01ice")
+    headers = {"Accept": "application/xml"}
+    for path in (f"/chat/{token}", f"/room/{token}", "/room", f"/room/{token}/participants"):
+        response = alice.get(path, {"timeout": 0, "format": "xml"}, headers=headers)
+        document = ET.fromstring(response.body)  # raises on an invalid character
+        assert document.findtext("meta/statuscode") == "200"
+    text = ET.fromstring(alice.get(f"/chat/{token}", {"timeout": 0, "format": "xml"}).body)
+    assert text.findtext("data/element/message") == "bell\ufffd esc\ufffd"
+
+
+# --- 8. Group rooms only from one's own groups ----------------------------------
+
+
+def test_a_user_cannot_build_a_room_from_a_group_they_are_not_in(app, alice, bob, carol):
+    for group, members in (("team", ("carol",)), ("admin", ())):
+        if group != "admin":
+            alice.post("/groups", {"groupid": group}, prefix=CLOUD)
+        for user in members:
+            alice.post(f"/users/{user}/groups", {"groupid": group}, prefix=CLOUD)
+    bob.post("/room", {"roomType": 2, "invite": "admin"}, status=404)
+    bob.post("/room", {"roomType": 2, "invite": "team"}, status=404)
+    with app.talk.db.read() as db:
+        assert db.execute("SELECT COUNT(*) FROM rooms").fetchone()[0] == 0
+    # A member of the group may, and an administrator may use any group.
+    token = create(carol, 2, invite="team")
+    assert [r["userId"] for r in carol.get(f"/room/{token}/participants").data] == ["carol"]
+    token = create(alice, 2, invite="team")
+    assert sorted(r["userId"] for r in alice.get(f"/room/{token}/participants").data) == [
+        "alice", "carol",
+    ]
+
+
+def test_adding_a_foreign_group_on_v4_is_404(app, alice, bob):
+    alice.post("/groups", {"groupid": "admin2"}, prefix=CLOUD)
+    alice.post("/users/carol/groups", {"groupid": "admin2"}, prefix=CLOUD)
+    token = create(bob, 3, roomName="Bob's")
+    bob.post(f"/room/{token}/participants", {"newParticipant": "admin", "source": "groups"},
+             prefix=V4, status=404)
+    bob.post(f"/room/{token}/participants", {"newParticipant": "admin2", "source": "groups"},
+             prefix=V4, status=404)
+    assert [r["userId"] for r in bob.get(f"/room/{token}/participants").data] == ["bob"]
+
+
+# --- 9. The last administrator stays one -------------------------------------
+
+
+def test_an_administrator_cannot_delete_themselves(app, alice, make_client):
+    response = alice.delete("/users/alice", prefix=CLOUD, status=400)
+    assert response.meta["statuscode"] == 400
+    v1 = make_client("alice", prefix="/ocs/v1.php/cloud")
+    assert v1.delete("/users/alice", status=200).meta["statuscode"] == 101
+    assert alice.get("/users/alice", prefix=CLOUD, status=200).data["id"] == "alice"
+
+
+def test_an_administrator_cannot_leave_group_admin(app, alice, make_client):
+    alice.delete("/users/alice/groups", {"groupid": "admin"}, prefix=CLOUD, status=400)
+    v1 = make_client("alice", prefix="/ocs/v1.php/cloud")
+    response = v1.delete("/users/alice/groups", {"groupid": "admin"}, status=200)
+    assert response.meta["statuscode"] == 105
+    assert alice.get("/groups/admin", prefix=CLOUD).data == {"users": ["alice"]}
+    # Another administrator may still be removed by one.
+    alice.post("/users/bob/groups", {"groupid": "admin"}, prefix=CLOUD)
+    alice.delete("/users/bob/groups", {"groupid": "admin"}, prefix=CLOUD, status=200)
+
+
+# --- 10. Database files for the owner only -----------------------------------
+
+
+@pytest.fixture
+def usual_umask():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_database_files_are_readable_by_the_owner_only(tmp_path, usual_umask):
+    path = tmp_path / "talk.db"
+    database = talk_server.Database(path)
+    try:
+        with database.write() as db:
+            talk_server.create_user(db, "alice", "x", "Alice")
+        for name in ("talk.db", "talk.db-wal", "talk.db-shm"):
+            assert mode(tmp_path / name) == 0o600, name
+    finally:
+        database.close()
+
+
+def test_backups_are_readable_by_the_owner_only(tmp_path, usual_umask, capsys):
+    talk_server.Database(tmp_path / "talk.db").close()
+    talk_server.main(["backup", "--db", str(tmp_path / "talk.db"), str(tmp_path / "copy.db")])
+    assert mode(tmp_path / "copy.db") == 0o600
+    with sqlite3.connect(tmp_path / "copy.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == talk_server.SCHEMA_VERSION
+
+
+# --- SPEC 9: the 403 comes before any validation -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params"),
+    [
+        ("POST", "/users", {"userid": "bad/id", "password": ""}),
+        ("POST", "/users", {"userid": "alice", "password": "pw"}),
+        ("PUT", "/users/alice", {"key": "nonsense", "value": ""}),
+        ("PUT", "/users/nobody", {"key": "displayname", "value": "x"}),
+        ("POST", "/groups", {"groupid": "bad/id"}),
+        ("POST", "/groups", {"groupid": "admin"}),
+        ("DELETE", "/groups/admin", None),
+    ],
+)
+def test_non_admins_learn_nothing_from_validation(bob, method, path, params, make_client):
+    bob.request(method, path, params, prefix=CLOUD, status=403)
+    v1 = make_client("bob", prefix="/ocs/v1.php/cloud")
+    assert v1.request(method, path, params, status=200).meta["statuscode"] == 403
