@@ -35,6 +35,7 @@ import getpass
 import hashlib
 import hmac
 import html
+import ipaddress
 import json
 import os
 import re
@@ -162,6 +163,8 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 CREDENTIAL_CACHE_SECONDS = 300
 THROTTLE_FREE_FAILURES = 5  # failed logins from one address before any delay
 THROTTLE_MAX_DELAY = 300  # seconds
+THROTTLE_FORGET = 3600  # failures older than this no longer count
+THROTTLE_NAME_FACTOR = 4  # a user name or room tolerates this many times more
 ROOMS_PER_MINUTE = 30  # rooms one user may create in a minute
 
 # Sign-in for apps: app passwords, the sign-in page, login flows v1 and v2
@@ -2228,8 +2231,13 @@ class Credentials:
         entry.row, entry.checked = row, now
         return row
 
-    def verify(self, database, user_id: str, password: str):
-        """The user's row when the password is right, else None."""
+    def verify(self, database, user_id: str, password: str, guard=None):
+        """The user's row when the password is right, else None.
+
+        A login the cache vouches for answers at once. Otherwise `guard` (a
+        LoginGuard) may refuse before this waits for anything, and counts the
+        attempt right before the password is hashed.
+        """
         fast = self._fast(user_id, password)
         row = self._vouched(user_id, fast)
         if row is not None:
@@ -2238,11 +2246,15 @@ class Credentials:
             row = get_user(db, user_id)
         if row is not None and self._vouched(user_id, fast, row):
             return row
+        if guard is not None:
+            guard.check()
         # One full check per user at a time: a burst of first requests from
         # one client waits for the first check instead of each paying for it.
         with self._stripes[hash(user_id) % len(self._stripes)]:
             if row is not None and self._vouched(user_id, fast, row):
                 return row
+            if guard is not None:
+                guard.begin()  # 429 here takes no hashing slot
             with self._hashing:
                 if self._dummy is None:
                     self._dummy = hash_password(secrets.token_hex(8))
@@ -2449,43 +2461,101 @@ def set_cookie(name: str, value: str) -> None:
 
 
 class Throttle:
-    """Slows down password guessing from one address, as Nextcloud's brute-force
-    protection does, but without holding a worker thread: after a few failures
-    an address is refused with 429 and Retry-After for a delay that doubles
-    with each further failure. A success resets the address; other addresses
-    are never affected.
+    """Slows down password guessing, as Nextcloud's brute-force protection
+    does, but without holding a worker thread: after `free` failures a key
+    (an address, a user name, a room) is refused with 429 and Retry-After for
+    a delay that doubles with each further failure; failures are forgotten
+    `forget` seconds after the last one.
+
+    An attempt counts before its password is checked (begin), so a burst of
+    parallel guesses cannot all pass the check first; a success takes its
+    own count back and clears only what it proves (the user name or room
+    whose password it knew), never the address: an account holder cannot
+    wipe the failures of their guesses at someone else's password.
     """
 
-    def __init__(self, free=THROTTLE_FREE_FAILURES, max_delay=THROTTLE_MAX_DELAY):
+    def __init__(self, free=THROTTLE_FREE_FAILURES, max_delay=THROTTLE_MAX_DELAY,
+                 forget=THROTTLE_FORGET, clock=time.time):
         self.free = free
         self.max_delay = max_delay
-        self._failures: dict[str, tuple[int, float]] = {}
+        self.forget = forget
+        self.clock = clock
+        self._failures: dict[tuple, tuple[int, float]] = {}
         self._lock = threading.Lock()
 
-    def check(self, address: str) -> None:
-        """Raise 429 while the address must wait."""
+    def _free(self, key) -> int:
+        """Failures a key has before any delay. A user name or a room gets
+        more than an address: guesses spread over many addresses still slow
+        down, but a few of them do not lock the account's owner out."""
+        return self.free if key[0] == "address" else self.free * THROTTLE_NAME_FACTOR
+
+    def _wait(self, key, now) -> float:
+        """Seconds `key` must still wait (0 or less: it may try); under the lock."""
+        count, last = self._failures.get(key, (0, 0.0))
+        free = self._free(key)
+        if count < free or now - last > self.forget:
+            return 0.0
+        return last + min(2 ** (count - free), self.max_delay) - now
+
+    def _refuse(self, wait) -> None:
+        bottle.response.set_header("Retry-After", str(int(wait) + 1))
+        fail(429, f"Too many failed attempts; try again in {int(wait) + 1} s")
+
+    def check(self, *keys) -> None:
+        """Raise 429 while any of the keys must wait; counts nothing."""
+        now = self.clock()
         with self._lock:
-            count, last = self._failures.get(address, (0, 0.0))
-        if count < self.free:
-            return
-        delay = min(2 ** (count - self.free), self.max_delay)
-        wait = last + delay - time.monotonic()
+            wait = max(self._wait(key, now) for key in keys)
         if wait > 0:
-            bottle.response.set_header("Retry-After", str(int(wait) + 1))
-            fail(429, f"Too many failed attempts; try again in {int(wait) + 1} s")
+            self._refuse(wait)
 
-    def failed(self, address: str) -> None:
-        now = time.monotonic()
+    def begin(self, *keys) -> tuple:
+        """Count an attempt against every key at once, or raise 429 counting
+        nothing; pass the result to succeeded() when the password was right."""
+        now = self.clock()
         with self._lock:
-            if len(self._failures) > 10000:  # forget the quiet ones
-                cutoff = now - 2 * self.max_delay
-                self._failures = {a: f for a, f in self._failures.items() if f[1] > cutoff}
-            count, _ = self._failures.get(address, (0, 0.0))
-            self._failures[address] = (count + 1, now)
+            wait = max(self._wait(key, now) for key in keys)
+            if wait <= 0:
+                if len(self._failures) > 10000:  # forget the quiet ones
+                    cutoff = now - self.forget
+                    self._failures = {k: f for k, f in self._failures.items() if f[1] > cutoff}
+                for key in keys:
+                    count, last = self._failures.get(key, (0, 0.0))
+                    if now - last > self.forget:
+                        count = 0
+                    self._failures[key] = (count + 1, now)
+        if wait > 0:
+            self._refuse(wait)
+        return keys
 
-    def succeeded(self, address: str) -> None:
+    def succeeded(self, keys, proven=()) -> None:
+        """Take back the attempt `begin` counted; clear the keys in `proven`."""
         with self._lock:
-            self._failures.pop(address, None)
+            for key in keys:
+                count, last = self._failures.get(key, (0, 0.0))
+                if key in proven or count <= 1:
+                    self._failures.pop(key, None)
+                else:
+                    self._failures[key] = (count - 1, last)
+
+
+def address_key(address: str) -> tuple:
+    """The throttle key of a client address: IPv6 by its /64, which one
+    subscriber usually holds whole; IPv4 as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return ("address", address)
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return ("address", str(ip.ipv4_mapped))
+        return ("address", str(ipaddress.ip_network(f"{ip}/64", strict=False)))
+    return ("address", str(ip))
+
+
+def login_keys(environ, user_id: str) -> tuple:
+    """What a login attempt counts against: the address and the user name."""
+    return address_key(client_address(environ)), ("user", user_id)
 
 
 class RateLimit:
@@ -2535,10 +2605,42 @@ def load_signin_key(database) -> bytes:
     return key
 
 
-def password_login(talk, user_id: str, password: str):
-    """The user's row when the login password is right and the user enabled, else None."""
-    row = talk.credentials.verify(talk.db, user_id, password)
-    return row if row is not None and row["enabled"] else None
+class LoginGuard:
+    """The password throttle around one login: a refusal (429) comes before
+    the login waits for a hashing slot; an attempt counts before its hash."""
+
+    def __init__(self, throttle, keys, proven=()):
+        self.throttle, self.keys, self.proven = throttle, keys, proven
+        self.counted = None
+
+    def check(self) -> None:
+        self.throttle.check(*self.keys)
+
+    def begin(self) -> None:
+        self.counted = self.throttle.begin(*self.keys)
+
+    def succeeded(self) -> None:
+        if self.counted is not None:
+            self.throttle.succeeded(self.counted, self.proven)
+
+
+def password_login(talk, user_id: str, password: str, environ=None):
+    """The user's row when the login password is right and the user enabled, else None.
+
+    Throttled by address and user name (with `environ`); a login the
+    credential cache already vouches for is never refused, so an attack from
+    a shared address does not lock out who is signed in already.
+    """
+    guard = None
+    if environ is not None:
+        keys = login_keys(environ, user_id)
+        guard = LoginGuard(talk.throttle, keys, proven=(keys[1],))
+    row = talk.credentials.verify(talk.db, user_id, password, guard)
+    if row is None or not row["enabled"]:
+        return None
+    if guard is not None:
+        guard.succeeded()
+    return row
 
 
 def app_password_login(talk, user_id: str, password: str):
@@ -2555,7 +2657,7 @@ def app_password_login(talk, user_id: str, password: str):
     return row
 
 
-def basic_login(talk, user_id: str, password: str) -> Actor | None:
+def basic_login(talk, user_id: str, password: str, environ=None) -> Actor | None:
     """The user Basic auth names, by an app password or the login password.
 
     Something shaped like an app password is looked up by its hash first (no
@@ -2571,7 +2673,7 @@ def basic_login(talk, user_id: str, password: str) -> Actor | None:
                 credential=APP_PASSWORD,
                 app_password_id=row["app_password_id"],
             )
-    row = password_login(talk, user_id, password)
+    row = password_login(talk, user_id, password, environ)
     if row is None:
         return None
     return Actor(user_id=row["id"], display_name=row["display_name"], credential=PASSWORD)
@@ -2599,16 +2701,13 @@ def authenticate(talk, environ, need_user: bool) -> Actor:
     401 when that fails (SPEC 1.5). A disabled user is refused with any of them."""
     header = environ.get("HTTP_AUTHORIZATION")
     if header:
-        address = client_address(environ)
-        talk.throttle.check(address)
         credentials = basic_credentials(header)
-        actor = None
-        if credentials is not None:
-            actor = basic_login(talk, *credentials)
-        if actor is None:
-            talk.throttle.failed(address)
+        if credentials is None:  # malformed: a failure of the address
+            talk.throttle.begin(address_key(client_address(environ)))
             fail(401, "Wrong user name or password")
-        talk.throttle.succeeded(address)
+        actor = basic_login(talk, *credentials, environ=environ)
+        if actor is None:
+            fail(401, "Wrong user name or password")
         return actor
     session = web_session(talk, environ)
     if session is not None:
@@ -3101,7 +3200,8 @@ class Rooms:
         """Join a room: a new session for the caller; (room, session id).
 
         Guests and self-joining users give the room password (checked before
-        the write transaction, as scrypt is slow, and throttled per address).
+        the write transaction, as scrypt is slow, and throttled per address and
+        room).
         `guest_id` is called for a guest's id once the password passed. A
         2018 join (no `device`) replaces the caller's sessions; today's adds
         one per device, replacing only the one this device held, unless that
@@ -3113,11 +3213,14 @@ class Rooms:
             me is not None and actor.user_id and me["participant_type"] in MEMBER_TYPES
         )
         if needs_password:
-            self.talk.room_throttle.check(address)
+            room_key = ("room", room["id"])
+            guard = LoginGuard(self.talk.room_throttle, (address_key(address), room_key),
+                               proven=(room_key,))
+            guard.check()
+            guard.begin()
             if not self.talk.credentials.check(room["password_hash"], password):
-                self.talk.room_throttle.failed(address)
                 raise Refused("wrong-password")
-            self.talk.room_throttle.succeeded(address)
+            guard.succeeded()
         previous = actor.guest_id
         guest = None if actor.user_id else guest_id(fresh=needs_password)
         now = self.now()
@@ -4520,13 +4623,10 @@ def signin(rq):
     user, password = rq.text("user", "") or "", rq.text("password", "") or ""
     if not presession_ok(rq):
         return signin_form(rq, target, user, "The form expired; please try again.", 403)
-    address = client_address(bottle.request.environ)
-    rq.talk.throttle.check(address)
-    row = password_login(rq.talk, user, password) if user and password else None
+    environ = bottle.request.environ
+    row = password_login(rq.talk, user, password, environ) if user and password else None
     if row is None:
-        rq.talk.throttle.failed(address)
         return signin_form(rq, target, user, "Wrong user name or password.", 401)
-    rq.talk.throttle.succeeded(address)
     cookie = secrets.token_urlsafe(32)
     with rq.talk.db.write() as db:
         expire_web_sessions(db, rq.now - WEB_SESSION_IDLE)
@@ -4885,11 +4985,11 @@ class Talk:
         self.turn_secret = turn_secret
         self.signaling_queue_max = signaling_queue_max
         self.room_creation = RateLimit(rooms_per_minute)
-        self.throttle = Throttle(throttle_free_failures)  # logins
+        self.throttle = Throttle(throttle_free_failures, clock=clock)  # logins
         self.signin_key = load_signin_key(self.db)
         self.flow_starts = RateLimit(LOGIN_FLOWS_PER_MINUTE)
         # Room passwords apart: a user's successful login must not reset them.
-        self.room_throttle = Throttle(throttle_free_failures)
+        self.room_throttle = Throttle(throttle_free_failures, clock=clock)
         self.rooms = Rooms(self)
         self.config_hash = config_hash(self)
 

@@ -299,3 +299,129 @@ def test_non_admins_learn_nothing_from_validation(bob, method, path, params, mak
     bob.request(method, path, params, prefix=CLOUD, status=403)
     v1 = make_client("bob", prefix="/ocs/v1.php/cloud")
     assert v1.request(method, path, params, status=200).meta["statuscode"] == 403
+
+
+# --- 1. Password guessing -------------------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path, password_hash, clock):
+    """A real server on a frozen clock (throttle delays never run out by
+    themselves), trusting 127.0.0.1 as its proxy; users admin, bob, carol."""
+    path = tmp_path / "served.db"
+    with talk_server.serve_in_thread(path, clock=clock, trusted_proxy="127.0.0.1") as url:
+        with url.app.talk.db.write() as db:
+            for user_id in ("admin", "bob", "carol"):
+                talk_server.create_user(db, user_id, password_hash, user_id.capitalize())
+            talk_server.create_group(db, "admin")
+            talk_server.add_to_group(db, "admin", "admin")
+        yield url
+
+
+def http_get(url, path, user=None, password=PASSWORD, forwarded_for=None, timeout=30):
+    """GET over a new connection: (status, parsed JSON or None)."""
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    headers = {"OCS-APIRequest": "true", "Accept": "application/json"}
+    if user is not None:
+        headers["Authorization"] = basic(user, password)
+    if forwarded_for:
+        headers["X-Forwarded-For"] = forwarded_for
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        body = response.read()
+        try:
+            return response.status, json.loads(body)
+        except ValueError:
+            return response.status, None
+    finally:
+        conn.close()
+
+
+def login(url, user, password=PASSWORD, forwarded_for=None):
+    return http_get(url, CLOUD + "/user", user, password, forwarded_for)[0]
+
+
+def in_parallel(count, fn):
+    results = [None] * count
+
+    def run(i):
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    return results
+
+
+def test_parallel_guesses_are_counted_before_they_are_checked(served):
+    statuses = in_parallel(40, lambda i: login(served, "admin", f"guess-{i}"))
+    assert sorted(statuses) == [401] * 5 + [429] * 35
+
+
+def test_an_account_holders_success_does_not_clear_their_guesses(served):
+    assert login(served, "bob") == 200  # bob signs in: the cache vouches for him now
+    for n in range(5):
+        assert login(served, "admin", f"guess-{n}") == 401
+    assert login(served, "admin", "guess-5") == 429
+    assert login(served, "bob") == 200  # not locked out from his own address...
+    assert login(served, "admin", "guess-6") == 429  # ...and it cleared nothing
+
+
+def test_an_ipv6_64_counts_as_one_address(served):
+    for n in range(5):
+        assert login(served, "carol", f"guess-{n}", forwarded_for=f"2001:db8:1:2::{n + 1}") == 401
+    assert login(served, "carol", "guess-5", forwarded_for="2001:db8:1:2:ffff::9") == 429
+    # Another /64 (and IPv4) are other addresses.
+    assert login(served, "bob", "guess", forwarded_for="2001:db8:1:3::1") == 401
+    assert login(served, "bob", forwarded_for="198.51.100.7") == 200
+
+
+def test_a_user_name_is_throttled_across_addresses(served):
+    free = talk_server.THROTTLE_FREE_FAILURES * talk_server.THROTTLE_NAME_FACTOR
+    for n in range(free):
+        assert login(served, "admin", f"guess-{n}", forwarded_for=f"203.0.113.{n + 1}") == 401
+    assert login(served, "admin", "guess", forwarded_for="198.51.100.1") == 429
+
+
+def test_a_throttled_login_is_refused_without_waiting_for_a_hashing_slot(served):
+    """With both hashing slots taken, five guesses (each counted before its
+    hash) wait for a slot; the sixth is refused at once."""
+    talk = served.app.talk
+    stripes = len(talk.credentials._stripes)
+    names, seen = [], set()
+    for n in range(1000):  # five names on five different stripes: none waits for another
+        name = f"user{n}"
+        if hash(name) % stripes not in seen:
+            seen.add(hash(name) % stripes)
+            names.append(name)
+        if len(names) == 5:
+            break
+    slots = talk.credentials._hashing
+    slots.acquire()
+    slots.acquire()
+    waiting = []
+    try:
+        for name in names:
+            thread = threading.Thread(target=lambda name=name: waiting.append(
+                login(served, name, "guess")))
+            thread.start()
+            waiting.append(thread)
+        address = talk_server.address_key("127.0.0.1")
+        for _ in range(10000):
+            with talk.throttle._lock:
+                if talk.throttle._failures.get(address, (0, 0))[0] == 5:
+                    break
+            threading.Event().wait(0.01)
+        assert talk.throttle._failures[address][0] == 5, "the guesses were not counted first"
+        assert login(served, "admin", "guess") == 429
+    finally:
+        slots.release()
+        slots.release()
+    for thread in [t for t in waiting if isinstance(t, threading.Thread)]:
+        thread.join(30)
+    assert sorted(s for s in waiting if isinstance(s, int)) == [401] * 5
