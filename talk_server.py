@@ -51,6 +51,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 import bottle
 import waitress
+import waitress.channel
 import waitress.task
 import waitress.wasyncore
 
@@ -191,6 +192,8 @@ DEFAULT_PORT = 8080
 DEFAULT_THREADS = 64
 DEFAULT_RESERVE = 4
 DEFAULT_MAX_BODY = 1024 * 1024
+CONNECTIONS_PER_ADDRESS = 32  # open connections one client address may hold
+REQUEST_TIMEOUT = 10  # seconds to send a whole request (headers and body)
 
 # ---------------------------------------------------------------------------
 # Errors and the OCS envelope
@@ -2359,6 +2362,7 @@ class Call:
         self.actor = actor
         self.params = params
         self.version = version
+        self.may_wait = True  # False: a long-poll the dispatcher counted as none
 
     @property
     def now(self) -> int:
@@ -2789,6 +2793,7 @@ class Waiter:
         self.cond = threading.Condition(lock)
         self.keys = keys
         self.fired = False
+        self.superseded = False  # a newer poll of the same owner took over
         self.news: list = []
 
 
@@ -2805,6 +2810,8 @@ class Notifier:
     """
 
     def __init__(self, max_waiting, overflow_wait=1.0, slice_seconds=1.0, time_scale=1.0):
+        # Where waits read the time: tests freeze it to pin the timeouts asked for.
+        self.monotonic = time.monotonic
         self._lock = threading.Lock()
         self._waiters: dict[tuple, set[Waiter]] = {}
         self.max_waiting = max_waiting
@@ -2813,17 +2820,29 @@ class Notifier:
         self.time_scale = time_scale
         self.waiting = 0
         self.closed = False
+        self._owners: dict[tuple, Waiter] = {}  # the one poll each owner may hold
 
     @contextlib.contextmanager
-    def listen(self, *keys):
+    def listen(self, *keys, owner=None):
+        """Register a waiter for `keys`. An `owner` (a session, say) holds one
+        poll at a time: a newer one answers the older at once (superseded),
+        so one client cannot pile up waiting requests."""
         waiter = Waiter(self._lock, keys)
         with self._lock:
+            if owner is not None:
+                older = self._owners.get(owner)
+                if older is not None:
+                    older.superseded = older.fired = True
+                    older.cond.notify()
+                self._owners[owner] = waiter
             for key in keys:
                 self._waiters.setdefault(key, set()).add(waiter)
         try:
             yield waiter
         finally:
             with self._lock:
+                if owner is not None and self._owners.get(owner) is waiter:
+                    del self._owners[owner]
                 for key in keys:
                     waiters = self._waiters.get(key)
                     if waiters is not None:
@@ -2857,7 +2876,7 @@ class Notifier:
         Returns True when notified. The wait wakes once per slice to notice a
         client that disconnected; that is a flag check, not a re-query.
         """
-        deadline = time.monotonic() + seconds * self.time_scale
+        deadline = self.monotonic() + seconds * self.time_scale
         with self._lock:
             if waiter.fired or self.closed or seconds <= 0:
                 fired, waiter.fired = waiter.fired, False
@@ -2865,14 +2884,14 @@ class Notifier:
             if self.waiting >= self.max_waiting:
                 # Over budget: a short wait keeps the client from spinning
                 # while the reserve threads stay free for everything else.
-                deadline = min(deadline, time.monotonic() + self.overflow_wait)
+                deadline = min(deadline, self.monotonic() + self.overflow_wait)
                 counted = False
             else:
                 self.waiting += 1
                 counted = True
             try:
                 while not waiter.fired and not self.closed:
-                    left = deadline - time.monotonic()
+                    left = deadline - self.monotonic()
                     if left <= 0:
                         break
                     waiter.cond.wait(min(left, self.slice_seconds))
@@ -2903,6 +2922,23 @@ def long_poll(waits):
         return handler
 
     return mark
+
+
+def poll_query(query_string: str) -> dict:
+    """The query parameters as a long-poll classifier reads them: the last of
+    repeated ones (as Bottle), and {} when the string cannot be parsed."""
+    try:
+        return dict(parse_qsl(query_string or "", keep_blank_values=True))
+    except ValueError:
+        return {}
+
+
+def may_wait(handler, query_string: str) -> bool:
+    """Whether a request to `handler` may wait, decided once from its query
+    string: the serving layer budgets threads by it, and the handler obeys
+    it (a body or an odd encoding cannot turn "no wait" into a wait)."""
+    waits = getattr(handler, "waits", None)
+    return bool(waits and waits(poll_query(query_string)))
 
 
 def query_integer(query, name, default) -> int:
@@ -3567,20 +3603,23 @@ def chat_receive(rq, token):
     offset = rq.integer("offset", 0, minimum=0)
     since = rq.integer("notOlderThanTimestamp", 0, minimum=0)
     timeout = min(rq.integer("timeout", CHAT_DEFAULT_TIMEOUT, minimum=0), CHAT_MAX_TIMEOUT)
+    if not rq.may_wait:
+        timeout = 0
     talk = rq.talk
-    deadline = time.monotonic() + timeout * talk.notifier.time_scale
+    deadline = talk.notifier.monotonic() + timeout * talk.notifier.time_scale
     with talk.db.read() as db:
         room, me = room_for(db, rq.actor, token, CHAT)
         outside_lobby(room, me, rq.now)
-    with talk.notifier.listen(chat_key(room["id"])) as waiter:
+    owner = poll_owner(me)
+    with talk.notifier.listen(chat_key(room["id"]), owner=owner) as waiter:
         last_look = waited = False
         while True:
             with talk.db.read() as db:
                 if waited:  # the room may have gone, or the caller with it
                     room, _ = room_for(db, rq.actor, token, CHAT)
                 start, rows = messages_after(db, room["id"], offset, since, CHAT_PAGE_MAX)
-            left = (deadline - time.monotonic()) / talk.notifier.time_scale
-            if rows or last_look or left <= 0 or talk.notifier.closed:
+            left = (deadline - talk.notifier.monotonic()) / talk.notifier.time_scale
+            if rows or last_look or left <= 0 or talk.notifier.closed or waiter.superseded:
                 break
             # Not notified means timed out, over the budget, client gone or
             # shutting down: look once more, then answer.
@@ -3590,6 +3629,15 @@ def chat_receive(rq, token):
             if rows:
                 break  # the sends handed us exactly what we wait for
     return [message_json(row, room["token"]) for row in reversed(rows)]
+
+
+def poll_owner(me) -> tuple | None:
+    """Whose long-poll this is: the caller's session in the room. A member
+    who has not joined (a user, no session) is bounded by the dispatcher's
+    long-poll budget alone."""
+    if me is not None and me["session_id"] != "0":
+        return ("chat-session", me["session_id"])
+    return None
 
 
 def messages_in_news(news, start) -> list:
@@ -3745,7 +3793,8 @@ def signaling_receive(rq, token=None):
         if my_session is None:
             raise gone
         touch(db, session_by_id(db, my_session)["participant_id"], rq.now)
-    with talk.notifier.listen(room_key(room_id), session_key(my_session)) as waiter:
+    owner = ("signaling", my_session)
+    with talk.notifier.listen(room_key(room_id), session_key(my_session), owner=owner) as waiter:
         with talk.db.read() as db:
             pending = has_signaling(db, my_session)
         if not pending:
@@ -5049,7 +5098,9 @@ def ocs_callback(talk, handler, who, generation=1):
             actor = authenticate(talk, environ, need_user=(who == USERS))
             if not csrf_ok(environ):
                 raise CSRFError()
-            result = handler(Call(talk, actor, {**query, **body}, version), **url_args)
+            rq = Call(talk, actor, {**query, **body}, version)
+            rq.may_wait = may_wait(handler, environ.get("QUERY_STRING", ""))
+            result = handler(rq, **url_args)
         except (OCSError, Refused) as error:
             if isinstance(error, Refused):
                 error = error.as_ocs_error(generation)
@@ -5159,13 +5210,7 @@ def is_long_poll(channel) -> bool:
         return False
     for pattern, waits in LONG_POLL_ROUTES:
         if pattern.match(request.path):
-            if waits is None:
-                return False
-            try:
-                query = dict(parse_qsl(request.query or "", keep_blank_values=True))
-            except ValueError:
-                return False
-            return bool(waits(query))
+            return bool(waits and waits(poll_query(request.query)))
     return False
 
 
@@ -5232,6 +5277,104 @@ class PollSlot:
             self.dispatcher.poll_done()
 
 
+class OCSErrorTask(waitress.task.ErrorTask):
+    """Waitress's own refusals (a body over the limit: 413; a malformed
+    request: 400) as OCS envelopes under /ocs/, like the app's (SPEC 1.2)."""
+
+    def execute(self):
+        request, error = self.request, self.request.error
+        path = getattr(request, "path", "") or ""
+        if not path.startswith("/ocs/"):
+            return super().execute()
+        fmt = poll_query(getattr(request, "query", "")).get("format")
+        if fmt not in ("json", "xml"):
+            accept = request.headers.get("ACCEPT", "")
+            fmt = "json" if "application/json" in accept else "xml"
+        message = STATUS_MESSAGES.get(error.code, error.reason)
+        document = {"ocs": {"meta": ocs_meta(ocs_version(path), error.code, message), "data": []}}
+        if fmt == "xml":
+            body = ('<?xml version="1.0"?>\n' + xml_value(document)).encode("utf-8")
+        else:
+            body = json.dumps(document, separators=(",", ":")).encode("utf-8")
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", f"application/{fmt}; charset=utf-8"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class GuardedChannel(waitress.channel.HTTPChannel):
+    """A Waitress connection that counts against its client address, and
+    notes when its current request began (see guard_server)."""
+
+    error_task_class = OCSErrorTask
+    request_started = 0.0
+    counted = None  # the address this connection counts against
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map)
+        address = addr[0] if isinstance(addr, tuple) else str(addr)
+        guard = server.talk_guard
+        if address in guard["exempt"]:
+            return
+        with guard["lock"]:
+            held = guard["open"].get(address, 0)
+            if held >= guard["limit"]:
+                refused = True
+            else:
+                refused = False
+                guard["open"][address] = held + 1
+                self.counted = address
+        if refused:  # one client may not take every connection
+            self.will_close = True
+
+    def received(self, data):
+        if self.request is None and data:
+            self.request_started = time.time()
+        return super().received(data)
+
+    def del_channel(self, map=None):
+        address, self.counted = self.counted, None
+        if address is not None:
+            guard = self.server.talk_guard
+            with guard["lock"]:
+                left = guard["open"].get(address, 1) - 1
+                if left > 0:
+                    guard["open"][address] = left
+                else:
+                    guard["open"].pop(address, None)
+        super().del_channel(map)
+
+
+def guard_server(server, per_address, request_timeout, exempt=()):
+    """Bound the connections of each client address (a proxy we trust is
+    exempt: its clients are told apart by X-Forwarded-For) and close a
+    connection whose request is not all there within `request_timeout`
+    seconds, so idle or trickling sockets cannot take the server's
+    connections; Waitress's own idle timeout covers connections between
+    requests."""
+    server.channel_class = GuardedChannel
+    server.talk_guard = {
+        "lock": threading.Lock(), "open": {}, "limit": per_address, "exempt": set(exempt),
+    }
+    plain_maintenance = server.maintenance
+
+    def maintenance(now):
+        plain_maintenance(now)
+        cutoff = now - request_timeout
+        for channel in list(server.active_channels.values()):
+            if (
+                channel.request is not None
+                and not channel.requests  # not while it is being answered
+                and getattr(channel, "request_started", now) < cutoff
+            ):
+                channel.will_close = True
+
+    server.maintenance = maintenance
+    server.adj.cleanup_interval = min(server.adj.cleanup_interval, max(request_timeout / 4, 0.05))
+    return server
+
+
 def tune_memory():
     """Give scrypt's 16 MiB buffers back to the system after each hash.
 
@@ -5247,9 +5390,11 @@ def tune_memory():
 
 
 def create_server(
-    app, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS, trusted_proxy=None
+    app, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS, trusted_proxy=None,
+    per_address=CONNECTIONS_PER_ADDRESS, request_timeout=REQUEST_TIMEOUT,
 ):
-    """A Waitress server set up for long-polls.
+    """A Waitress server set up for long-polls, guarded against clients that
+    hoard connections (guard_server).
 
     Behind a reverse proxy at `trusted_proxy` (an address, or "*"), the
     client's address comes from the proxy's X-Forwarded-For, so password
@@ -5264,7 +5409,7 @@ def create_server(
             "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto"},
             "trusted_proxy_count": 1,
         }
-    return waitress.create_server(
+    server = waitress.create_server(
         app,
         host=host,
         port=port,
@@ -5281,6 +5426,9 @@ def create_server(
         clear_untrusted_proxy_headers=True,
         **proxy,
     )
+    if trusted_proxy == "*":  # every client comes through the proxy
+        per_address = 10**9
+    return guard_server(server, per_address, request_timeout, exempt=[trusted_proxy or ""])
 
 
 def close_listener(server):
@@ -5314,7 +5462,10 @@ class ServedURL(str):
 
 
 @contextlib.contextmanager
-def serve_in_thread(db_path, host="127.0.0.1", threads=16, trusted_proxy=None, **options):
+def serve_in_thread(
+    db_path, host="127.0.0.1", threads=16, trusted_proxy=None,
+    per_address=CONNECTIONS_PER_ADDRESS, request_timeout=REQUEST_TIMEOUT, **options,
+):
     """Serve a fresh app on a free loopback port in a background thread.
 
     Yields the base URL (``http://127.0.0.1:PORT``, a str whose `.app` is the
@@ -5324,7 +5475,10 @@ def serve_in_thread(db_path, host="127.0.0.1", threads=16, trusted_proxy=None, *
     """
     options.setdefault("threads", threads)
     app = make_app(db_path, **options)
-    server = create_server(app, host=host, port=0, threads=threads, trusted_proxy=trusted_proxy)
+    server = create_server(
+        app, host=host, port=0, threads=threads, trusted_proxy=trusted_proxy,
+        per_address=per_address, request_timeout=request_timeout,
+    )
     thread = threading.Thread(target=server.run, name="talk-server", daemon=True)
     thread.start()
     url = ServedURL(f"http://{host}:{server.effective_port}")

@@ -1,5 +1,7 @@
 """Shared steps of the room and participant tests: one call each, status checked."""
 
+import time
+
 CLOUD = "/ocs/v2.php/cloud"
 
 
@@ -91,3 +93,12 @@ def _room_with(owner, room_type, name, members):
     for member in members:
         add(owner, token, member.user)
     return token
+
+
+def wait_until(condition, limit=30.0, what="the condition"):
+    """Wait for a state the server reaches by itself (a poll waiting, say):
+    polls `condition`; fails only if it never holds (a broken server)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} never held"
+        time.sleep(0.002)

@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from conftest import API, CLOUD, PASSWORD, START, Client
-from helpers import add, create, join
+from helpers import add, create, join, wait_until
 
 import talk_server
 
@@ -425,3 +425,139 @@ def test_a_throttled_login_is_refused_without_waiting_for_a_hashing_slot(served)
     for thread in [t for t in waiting if isinstance(t, threading.Thread)]:
         thread.join(30)
     assert sorted(s for s in waiting if isinstance(s, int)) == [401] * 5
+
+
+# --- 2. One client cannot make the server unreachable ------------------------
+
+
+def half_request(url, source="127.0.0.2"):
+    """A connection from `source` that sent half a request's headers."""
+    host, port = url.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0))
+    sock.sendall(b"GET " + API.encode() + b"/room HTTP/1.1\r\nHost: x\r\n")
+    return sock
+
+
+def closed_by_server(sock) -> bool:
+    """Whether the server closed the socket (recv gives EOF); blocks until it
+    does or the 30 s socket timeout says it did not."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_one_address_cannot_take_every_connection(tmp_path):
+    with talk_server.serve_in_thread(tmp_path / "t.db", per_address=8) as url:
+        hoard = [half_request(url) for _ in range(8)]
+        extra = half_request(url)
+        try:
+            assert closed_by_server(extra)
+            # Everyone else is served, the hoarder's open requests too.
+            assert http_get(url, "/status.php")[0] == 200
+        finally:
+            for sock in [*hoard, extra]:
+                sock.close()
+        # Closed connections count no more.
+        again = half_request(url)
+        again.close()
+
+
+def test_an_incomplete_request_is_closed_quickly(tmp_path):
+    """Waitress alone would keep a trickling request for its channel timeout
+    (two minutes); the guard closes it once request_timeout has passed."""
+    with talk_server.serve_in_thread(tmp_path / "t.db", request_timeout=0.5) as url:
+        sock = half_request(url, source="127.0.0.1")
+        try:
+            assert closed_by_server(sock)
+        finally:
+            sock.close()
+
+
+def test_a_newer_poll_of_the_same_session_answers_the_older(app, alice):
+    token = create(alice, 3, roomName="Open")
+    guest = Client(app)
+    session = join(guest, token)
+    app.talk.notifier.monotonic = lambda: 0.0  # no wait ever times out by itself
+    answers = []
+
+    def poll():
+        answers.append(guest.get(f"/signaling/{token}", status=200).data)
+
+    first = threading.Thread(target=poll)
+    first.start()
+    wait_until(lambda: app.talk.notifier.waiting == 1)
+    second = threading.Thread(target=poll)
+    second.start()
+    first.join(30)
+    assert not first.is_alive(), "the older poll was not answered"
+    assert answers[0][-1]["type"] == "usersInRoom"
+    wait_until(lambda: app.talk.notifier.waiting == 1)  # the newer one waits on
+    guest.post(f"/signaling/{token}", {"messages": json.dumps([{
+        "ev": "message", "sessionId": session, "fn": json.dumps({"to": session})}])})
+    second.join(30)
+    assert not second.is_alive()
+    assert [item["type"] for item in answers[1]] == ["message", "usersInRoom"]
+
+
+def test_a_newer_chat_poll_of_the_same_session_answers_the_older(app, alice):
+    token = create(alice, 3, roomName="Open")
+    guest = Client(app)
+    join(guest, token)
+    app.talk.notifier.monotonic = lambda: 0.0
+    answers = []
+    polls = [threading.Thread(target=lambda: answers.append(
+        guest.get(f"/chat/{token}", {"timeout": 60}).data)) for _ in range(3)]
+    for n, thread in enumerate(polls):
+        thread.start()
+        if n < 2:
+            wait_until(lambda: app.talk.notifier.waiting == 1 and len(answers) == n)
+    polls[0].join(30)
+    polls[1].join(30)
+    assert answers[:2] == [[], []]
+    sent = alice.post(f"/chat/{token}", {"message": "hi"}, status=201).data
+    polls[2].join(30)
+    assert answers[2] == [sent]
+
+
+@pytest.mark.parametrize(
+    "query, body",
+    [
+        ("timeout=0&timeout=8", b""),  # Bottle and the dispatcher both take the last: 8
+        ("timeout=0", b"timeout=8"),  # a body parameter the dispatcher never sees
+        ("timeout=%ff", b""),  # not UTF-8: the dispatcher reads 0, Bottle the default
+    ],
+)
+def test_a_poll_classified_as_no_wait_does_not_wait(app, alice, query, body):
+    token = create(alice, 3, roomName="Open")
+    join(alice, token)
+    handler = talk_server.chat_receive
+    expected_wait = talk_server.may_wait(handler, query)
+    asked = []
+    app.talk.notifier.wait = lambda waiter, seconds, cancelled=None: asked.append(seconds)
+    headers = {**alice.headers, "Content-Type": "application/x-www-form-urlencoded"}
+    response = alice.test.request(
+        f"{API}/chat/{token}?{query}", method="GET", body=body, headers=headers,
+        expect_errors=True,
+    )
+    assert response.status_int == 200
+    assert bool(asked) == expected_wait
+    if not expected_wait:
+        assert asked == []
+
+
+def test_waitress_oversize_body_413_is_an_ocs_envelope(tmp_path):
+    with talk_server.serve_in_thread(tmp_path / "t.db", max_body=1000) as url:
+        host, port = url.split("//")[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("POST", API + "/room", b"x" * 5000, {
+            "OCS-APIRequest": "true", "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        document = json.loads(response.read())
+        conn.close()
+        assert response.status == 413
+        assert document["ocs"]["meta"]["statuscode"] == 413
+        assert document["ocs"]["meta"]["message"]
