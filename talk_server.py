@@ -117,13 +117,20 @@ ROOM_NAME_MAX = 200
 CHAT_DEFAULT_TIMEOUT = 30
 CHAT_MAX_TIMEOUT = 60
 MESSAGE_MAX = 32000
+CHAT_PER_MINUTE = 60  # messages one session (or user) may post in a minute
+CHAT_BYTES_PER_MINUTE = 512 * 1024  # ...and their bytes
+ROOM_FLOW_FACTOR = 5  # a conversation takes this many senders' share
+GUESTS_PER_ROOM = 100  # guest rows one conversation holds at most
 CHAT_PAGE_MAX = 1000  # messages in one answer, the oldest after the offset
 
 # Signaling
 SIGNALING_TIMEOUT = 30
 SIGNALING_TTL = 300  # queued signaling messages live five minutes (as Talk)
 SIGNALING_QUEUE_MAX = 500  # per recipient session
-SIGNALING_MESSAGE_MAX = 64 * 1024  # one `fn` payload
+SIGNALING_MESSAGE_MAX = 16 * 1024  # bytes of one `fn` payload
+SIGNALING_QUEUE_BYTES = 256 * 1024  # queued for one recipient session
+SIGNALING_PER_MINUTE = 600  # signaling messages one session may send in a minute
+SIGNALING_BYTES_PER_MINUTE = 2 * 1024 * 1024  # ...and their bytes
 DEFAULT_STUN = "stun.nextcloud.com:443"
 # TURN credentials open a relay: hours, not the 24 hours of SPEC 7, and only
 # for users and joined guests.
@@ -1740,6 +1747,20 @@ def queue_signaling(db, recipient: str, sender: str, data: str, now: int) -> Non
     )
 
 
+def queued_bytes(db, recipient: str) -> int:
+    return db.execute(
+        "SELECT COALESCE(SUM(LENGTH(data)), 0) FROM signaling WHERE recipient = :recipient",
+        {"recipient": recipient},
+    ).fetchone()[0]
+
+
+def count_guests(db, room_id: int) -> int:
+    return db.execute(
+        "SELECT COUNT(*) FROM participants WHERE room_id = :room_id AND guest_id IS NOT NULL",
+        {"room_id": room_id},
+    ).fetchone()[0]
+
+
 def queued_count(db, recipient: str) -> int:
     return db.execute(
         "SELECT COUNT(*) FROM signaling WHERE recipient = :recipient",
@@ -2563,25 +2584,51 @@ def login_keys(environ, user_id: str) -> tuple:
 
 
 class RateLimit:
-    """At most `limit` events per key in a sliding minute (room creation)."""
+    """At most `limit` events (or bytes: `weight`) per key in a sliding minute
+    (room creation, chat, signaling)."""
 
-    def __init__(self, limit, seconds=60.0):
+    def __init__(self, limit, seconds=60.0, clock=time.monotonic):
         self.limit = limit
         self.seconds = seconds
-        self._events: dict[str, list[float]] = {}
+        self.clock = clock
+        self._events: dict[object, list[tuple[float, int]]] = {}
         self._lock = threading.Lock()
 
-    def take(self, key: str, what: str) -> None:
-        now = time.monotonic()
+    def take(self, key, what: str, weight: int = 1) -> None:
+        now = self.clock()
         with self._lock:
-            recent = [t for t in self._events.get(key, ()) if t > now - self.seconds]
-            if len(recent) >= self.limit:
+            if len(self._events) > 10000:  # forget the quiet ones
+                self._events = {
+                    k: e for k, e in self._events.items() if e and e[-1][0] > now - self.seconds
+                }
+            recent = [(t, w) for t, w in self._events.get(key, ()) if t > now - self.seconds]
+            if recent and sum(w for _, w in recent) + weight > self.limit:
                 self._events[key] = recent
-                retry = int(recent[0] + self.seconds - now) + 1
+                retry = int(recent[0][0] + self.seconds - now) + 1
                 bottle.response.set_header("Retry-After", str(retry))
                 fail(429, f"At most {self.limit} {what} a minute; try again in {retry} s")
-            recent.append(now)
+            recent.append((now, weight))
             self._events[key] = recent
+
+
+class Flow:
+    """What one sender and one room may put into the database in a minute:
+    a count and bytes for each, so neither many small nor a few huge writes
+    let an anonymous guest grow the file without bound (chat, signaling)."""
+
+    def __init__(self, what, per_sender, bytes_per_sender, room_factor, clock):
+        self.what = what
+        self.sender_count = RateLimit(per_sender, clock=clock)
+        self.sender_bytes = RateLimit(bytes_per_sender, clock=clock)
+        self.room_count = RateLimit(per_sender * room_factor, clock=clock)
+        self.room_bytes = RateLimit(bytes_per_sender * room_factor, clock=clock)
+
+    def take(self, sender, room_id, size: int, count: int = 1) -> None:
+        """Raise 429 when the sender or the room has had its share this minute."""
+        self.sender_count.take(sender, self.what, count)
+        self.sender_bytes.take(sender, f"bytes of {self.what}", size)
+        self.room_count.take(room_id, f"{self.what} in one conversation", count)
+        self.room_bytes.take(room_id, f"bytes of {self.what} in one conversation", size)
 
 
 def client_address(environ) -> str:
@@ -2984,6 +3031,7 @@ REFUSED = {
     "demote-self": (403, "You cannot demote yourself"),
     "demote-not-moderator": (412, "Only a moderator (type 2) can be demoted"),
     "wrong-password": (403, "Wrong room password"),
+    "guest-limit": (429, "The conversation has as many guests as it can take"),
     # Only today's routes refuse these:
     "one-to-one": (400, "Not possible in a one-to-one conversation"),
     "not-group-or-public": (400, "Only group and public conversations have this setting"),
@@ -3267,6 +3315,10 @@ class Rooms:
             room, me = room_for(db, actor, token, SEE)
             if me is None:
                 kind = USER_SELF_JOINED if actor.user_id else GUEST
+                if kind == GUEST:
+                    expire_guests(db, room["id"], now - GUEST_EXPIRY_SECONDS)
+                    if count_guests(db, room["id"]) >= self.talk.guests_per_room:
+                        raise Refused("guest-limit")
                 pid = add_participant(
                     db, room["id"], kind, now, user_id=actor.user_id, guest_id=guest
                 )
@@ -3670,6 +3722,8 @@ def chat_send(rq, token):
         else:
             actor_type = "guests"
             actor_id = hashlib.sha1(me["session_id"].encode()).hexdigest()
+        sender = ("session", me["session_id"]) if me["session_id"] != "0" else ("user", actor_id)
+        rq.talk.chat_flow.take(sender, room["id"], len(message.encode("utf-8")))
         row = add_message(db, room["id"], actor_type, actor_id, message, now)
         touch(db, me["id"], now)
         mark_activity(db, room["id"], now)
@@ -3763,8 +3817,8 @@ def signaling_send(rq, token=None):
                 continue
             payload = item.get("fn")
             if isinstance(payload, str):
-                if len(payload) > SIGNALING_MESSAGE_MAX:
-                    fail(413, "Signaling message too large")
+                if len(payload.encode("utf-8", "surrogatepass")) > SIGNALING_MESSAGE_MAX:
+                    fail(413, f"A signaling message is at most {SIGNALING_MESSAGE_MAX} bytes")
                 try:
                     payload = json.loads(payload)
                 except ValueError:
@@ -3774,10 +3828,17 @@ def signaling_send(rq, token=None):
             recipient = session_by_id(db, payload["to"])
             if recipient is None or recipient["room_id"] != room_id:
                 continue  # only sessions of the same room receive
-            if queued_count(db, payload["to"]) >= talk.signaling_queue_max:
-                fail(429, "The recipient's signaling queue is full")
             payload["from"] = my_session
-            queue_signaling(db, payload["to"], my_session, json.dumps(payload), now)
+            data = json.dumps(payload)
+            if len(data) > SIGNALING_MESSAGE_MAX + 1024:  # fn given as an object
+                fail(413, f"A signaling message is at most {SIGNALING_MESSAGE_MAX} bytes")
+            if (
+                queued_count(db, payload["to"]) >= talk.signaling_queue_max
+                or queued_bytes(db, payload["to"]) + len(data) > SIGNALING_QUEUE_BYTES
+            ):
+                fail(429, "The recipient's signaling queue is full")
+            talk.signaling_flow.take(("session", my_session), room_id, len(data))
+            queue_signaling(db, payload["to"], my_session, data, now)
             woken.add(payload["to"])
     talk.notifier.notify(*(session_key(s) for s in woken))
     return []
@@ -5015,6 +5076,9 @@ class Talk:
         signaling_queue_max=SIGNALING_QUEUE_MAX,
         rooms_per_minute=ROOMS_PER_MINUTE,
         throttle_free_failures=THROTTLE_FREE_FAILURES,
+        chat_per_minute=CHAT_PER_MINUTE,
+        signaling_per_minute=SIGNALING_PER_MINUTE,
+        guests_per_room=GUESTS_PER_ROOM,
     ):
         if durability not in ("full", "normal"):
             raise ValueError("durability must be full or normal")
@@ -5033,6 +5097,13 @@ class Talk:
         self.turn_server = turn_server
         self.turn_secret = turn_secret
         self.signaling_queue_max = signaling_queue_max
+        # Chat and signaling per sender and per room (on the app clock): an
+        # anonymous guest cannot grow the database without bound.
+        self.chat_flow = Flow("messages", chat_per_minute, CHAT_BYTES_PER_MINUTE,
+                              ROOM_FLOW_FACTOR, clock)
+        self.signaling_flow = Flow("signaling messages", signaling_per_minute,
+                                   SIGNALING_BYTES_PER_MINUTE, ROOM_FLOW_FACTOR, clock)
+        self.guests_per_room = guests_per_room
         self.room_creation = RateLimit(rooms_per_minute)
         self.throttle = Throttle(throttle_free_failures, clock=clock)  # logins
         self.signin_key = load_signin_key(self.db)
@@ -5172,7 +5243,9 @@ def make_app(db_path, **options) -> bottle.Bottle:
     durability ("full" or "normal"), threads and reserve (the long-poll
     budget), time_scale (multiplies every long-poll wait; tests use a small
     one), max_body (bytes), stun_servers, turn_server, turn_secret,
-    signaling_queue_max, rooms_per_minute, throttle_free_failures. The app's state is `app.talk`; `app.talk.close()`
+    signaling_queue_max, rooms_per_minute, throttle_free_failures,
+    chat_per_minute, signaling_per_minute (per sender; a room takes five
+    senders' share), guests_per_room. The app's state is `app.talk`; `app.talk.close()`
     ends waits and closes the database.
     """
     talk = Talk(db_path, **options)

@@ -561,3 +561,173 @@ def test_waitress_oversize_body_413_is_an_ocs_envelope(tmp_path):
         assert response.status == 413
         assert document["ocs"]["meta"]["statuscode"] == 413
         assert document["ocs"]["meta"]["message"]
+
+
+# --- 3. Anonymous growth of the database ---------------------------------------
+
+
+def rows(app, table):
+    with app.talk.db.read() as db:
+        return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def test_chat_is_rate_limited_per_session_and_refills(app, alice, clock):
+    token = create(alice, 3, roomName="Open")
+    guest = Client(app)
+    join(guest, token)
+    for n in range(talk_server.CHAT_PER_MINUTE):
+        guest.post(f"/chat/{token}", {"message": f"m{n}"}, status=201)
+    response = guest.post(f"/chat/{token}", {"message": "one too many"}, status=429)
+    assert int(response.headers["Retry-After"]) >= 1
+    assert rows(app, "messages") == talk_server.CHAT_PER_MINUTE
+    alice.post(f"/chat/{token}", {"message": "others still talk"}, status=201)
+    clock.advance(61)
+    guest.post(f"/chat/{token}", {"message": "a minute later"}, status=201)
+
+
+def test_chat_bytes_are_limited_per_session(app, alice):
+    token = create(alice, 3, roomName="Open")
+    guest = Client(app)
+    join(guest, token)
+    big = "\U0001f600" * talk_server.MESSAGE_MAX  # 128 KB of UTF-8
+    stored = 0
+    for _ in range(10):
+        if guest.post(f"/chat/{token}", {"message": big}).status_int != 201:
+            break
+        stored += 1
+    assert stored * len(big.encode()) <= talk_server.CHAT_BYTES_PER_MINUTE
+    assert stored < 10
+
+
+def test_chat_is_rate_limited_per_room(app, alice):
+    token = create(alice, 3, roomName="Open")
+    share = talk_server.CHAT_PER_MINUTE * talk_server.ROOM_FLOW_FACTOR
+    sent = 0
+    for _ in range(talk_server.ROOM_FLOW_FACTOR + 1):
+        guest = Client(app)
+        join(guest, token)
+        for _ in range(talk_server.CHAT_PER_MINUTE):
+            if guest.post(f"/chat/{token}", {"message": "x"}).status_int == 201:
+                sent += 1
+    assert sent == share
+
+
+def signaling_item(session, to, size=10):
+    return {"ev": "message", "sessionId": session,
+            "fn": json.dumps({"to": to, "payload": "p" * size})}
+
+
+def test_a_signaling_message_over_16_kb_is_413(app, alice):
+    token = create(alice, 3, roomName="Open")
+    guest, other = Client(app), Client(app)
+    me, peer = join(guest, token), join(other, token)
+    item = signaling_item(me, peer, 16 * 1024)
+    guest.post(f"/signaling/{token}", {"messages": json.dumps([item])}, status=413)
+    guest.post(f"/signaling/{token}", {"messages": json.dumps([signaling_item(me, peer, 15000)])})
+    assert rows(app, "signaling") == 1
+
+
+def test_the_bytes_queued_for_one_recipient_are_capped(app, alice, clock):
+    token = create(alice, 3, roomName="Open")
+    senders = [Client(app) for _ in range(4)]
+    peer = join(Client(app), token)
+    sessions = [join(sender, token) for sender in senders]
+    statuses = []
+    for sender, session in zip(senders, sessions, strict=True):
+        for _ in range(10):
+            response = sender.post(f"/signaling/{token}", {
+                "messages": json.dumps([signaling_item(session, peer, 15000)])})
+            statuses.append(response.status_int)
+    assert 429 in statuses
+    with app.talk.db.read() as db:
+        assert talk_server.queued_bytes(db, peer) <= talk_server.SIGNALING_QUEUE_BYTES
+
+
+def test_signaling_is_rate_limited_per_session(app, alice):
+    token = create(alice, 3, roomName="Open")
+    guest = Client(app)
+    me = join(guest, token)
+    peers = [join(Client(app), token) for _ in range(20)]
+    sent = refused = 0
+    for n in range(200):  # 200 x 15 KB = 3 MB, spread over recipients
+        item = signaling_item(me, peers[n % len(peers)], 15000)
+        response = guest.post(f"/signaling/{token}", {"messages": json.dumps([item])})
+        sent += response.status_int == 200
+        refused += response.status_int == 429
+    assert refused and sent * 15000 <= talk_server.SIGNALING_BYTES_PER_MINUTE
+
+
+def test_guests_per_room_are_capped(db_path, clock, password_hash):
+    app = talk_server.make_app(db_path, clock=clock, guests_per_room=3)
+    try:
+        with app.talk.db.write() as db:
+            talk_server.create_user(db, "alice", password_hash, "Alice")
+        token = create(Client(app, "alice"), 3, roomName="Open")
+        for _ in range(3):
+            join(Client(app), token)
+        response = Client(app).post(f"/room/{token}/participants/active", status=429)
+        assert response.meta["message"]
+        assert rows(app, "participants") == 4
+        clock.advance(talk_server.GUEST_EXPIRY_SECONDS + 1)  # the three went quiet
+        join(Client(app), token)
+    finally:
+        app.talk.close()
+
+
+def test_deleting_a_room_lets_the_file_shrink(app, alice):
+    token = create(alice, 3, roomName="Big")
+    with app.talk.db.write() as db:
+        room = talk_server.room_by_token(db, token)
+        for n in range(3000):
+            talk_server.add_message(db, room["id"], "users", "alice", "x" * 1000, START + n)
+    with app.talk.db.read() as db:
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+        before = db.execute("PRAGMA page_count").fetchone()[0]
+    alice.delete(f"/room/{token}", status=200)
+    with app.talk.db.read() as db:
+        after = db.execute("PRAGMA page_count").fetchone()[0]
+        assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+    assert after < before / 4
+
+
+# --- Password hashing: its cost and its concurrency (SPEC 1.5) ----------------
+
+
+def test_scrypt_parameters_are_the_specs():
+    stored = talk_server.hash_password("pw")
+    kind, n, r, p, salt, digest = stored.split("$")
+    assert (kind, int(n), int(r), int(p)) == ("scrypt", 2**14, 8, 1)
+    assert len(base64.b64decode(salt)) == 16 and len(base64.b64decode(digest)) == 64
+    assert talk_server.check_password(stored, "pw")
+    assert not talk_server.check_password(stored, "wrong")
+    assert stored != talk_server.hash_password("pw")  # salted
+
+
+def test_at_most_two_password_hashes_run_at_once(monkeypatch):
+    """Counted by events: each hash waits until the test lets it go, so the
+    most that were ever running at once is exact."""
+    credentials = talk_server.Credentials()
+    running, most, lock = [0], [0], threading.Lock()
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def slow_hash(password):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        started.release()
+        release.wait(30)
+        with lock:
+            running[0] -= 1
+        return "x"
+
+    monkeypatch.setattr(talk_server, "hash_password", slow_hash)
+    threads = [threading.Thread(target=credentials.hash, args=("pw",)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    assert started.acquire(timeout=30) and started.acquire(timeout=30)  # two are in
+    assert not started.acquire(timeout=0.2)  # and no third, while they run
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert most[0] == 2
