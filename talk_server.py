@@ -193,6 +193,12 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 
+# The browser client's pages: its own files and API only, never in a frame
+CLIENT_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
 # Serving
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -4289,7 +4295,10 @@ def static_file(path="index.html"):
         return bottle.HTTPError(404, "The browser client is not installed")
     answer = bottle.static_file(path, root=str(root))
     answer.set_header("Cache-Control", "no-cache")
+    # The client's own scripts, styles and API only; no framing (clickjacking).
+    answer.set_header("Content-Security-Policy", CLIENT_CSP)
     answer.set_header("X-Content-Type-Options", "nosniff")
+    answer.set_header("Referrer-Policy", "no-referrer")  # room tokens live in URLs
     return answer
 
 
@@ -5803,8 +5812,21 @@ def bootstrap_accounts(database, demo) -> list[str]:
     with database.read() as db:
         empty = count_users(db) == 0
     if admin_password:
+        # Only ever creates the account: a password or group an administrator
+        # changed later is not undone at the next start (issue 14).
         with database.write() as db:
-            ensure_user(db, admin_user, admin_password, admin=True)
+            exists = get_user(db, admin_user) is not None
+            if not exists:
+                ensure_user(db, admin_user, admin_password, admin=True)
+        if exists:
+            lines.append(
+                f"TALK_ADMIN_PASSWORD: user {admin_user!r} exists; its password and groups "
+                "are left as they are (talk-server user passwd changes the password)"
+            )
+        else:
+            lines.append(
+                f"created administrator {admin_user!r} with the password from TALK_ADMIN_PASSWORD"
+            )
     elif empty:
         admin_password = secrets.token_urlsafe(12)
         with database.write() as db:

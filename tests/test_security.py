@@ -731,3 +731,21 @@ def test_at_most_two_password_hashes_run_at_once(monkeypatch):
     for thread in threads:
         thread.join(30)
     assert most[0] == 2
+
+
+# --- 11. The browser client's pages ------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/static/app.js", "/static/style.css"])
+def test_client_pages_carry_a_content_security_policy(app, path):
+    response = Client(app).test.get(path, status=200)
+    policy = response.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_the_client_keeps_no_login_password():
+    """It trades the password for an app password and stores only that."""
+    source = (talk_server.data_path("static") / "app.js").read_text(encoding="utf-8")
+    assert "getapppassword" in source
+    assert "JSON.stringify({ user, password })" not in source
