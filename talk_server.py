@@ -611,6 +611,9 @@ class Database:
         # Bumped after every commit of this process: cached answers built
         # from an older generation are stale.
         self.generation = 0
+        # Called with each SQL statement run (sqlite3's trace callback), when
+        # set: tests prove that a waiting long-poll runs none.
+        self.on_sql = None
 
     def _borrow(self):
         with self._lock:
@@ -631,6 +634,7 @@ class Database:
     def read(self):
         """A connection for reads; each statement sees the latest commit."""
         conn = self._borrow()
+        conn.set_trace_callback(self.on_sql)
         try:
             yield conn
         finally:
@@ -646,6 +650,7 @@ class Database:
             self._queued -= 1
             self._writing = True
         conn = self._writer
+        conn.set_trace_callback(self.on_sql)
         if self._batch is None:
             self._batch = Batch()
         batch = self._batch
