@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from conftest import API, CLOUD, PASSWORD, START, Client
-from helpers import add, create, join, wait_until
+from helpers import create, join, wait_until
 
 import talk_server
 
@@ -513,7 +513,7 @@ def test_a_newer_chat_poll_of_the_same_session_answers_the_older(app, alice):
     for n, thread in enumerate(polls):
         thread.start()
         if n < 2:
-            wait_until(lambda: app.talk.notifier.waiting == 1 and len(answers) == n)
+            wait_until(lambda n=n: app.talk.notifier.waiting == 1 and len(answers) == n)
     polls[0].join(30)
     polls[1].join(30)
     assert answers[:2] == [[], []]
