@@ -1,6 +1,12 @@
 -- talk-server schema: the single source of truth for a new database.
 -- Migrations in talk_server.py bring older databases to the version below.
 
+-- Freed pages can go back to the file system (talk_server.reclaim_pages), so
+-- the file shrinks after rooms and their history are deleted. connect() also
+-- sets this before the first table (it only works on an empty file), and
+-- migrate() runs the one VACUUM an older database needs to take it up.
+PRAGMA auto_vacuum = INCREMENTAL;
+
 -- Accounts (SPEC 9): users, groups, and who is in which group.
 CREATE TABLE users (
     id            TEXT PRIMARY KEY,

@@ -39,6 +39,7 @@ import gc
 import getpass
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import os
@@ -59,6 +60,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import bottle
 import waitress
+import waitress.channel
 import waitress.task
 import waitress.wasyncore
 
@@ -133,6 +135,10 @@ ROOM_NAME_MAX = 200
 CHAT_DEFAULT_TIMEOUT = 30
 CHAT_MAX_TIMEOUT = 60
 MESSAGE_MAX = 32000
+CHAT_PER_MINUTE = 60  # messages one session (or user) may post in a minute
+CHAT_BYTES_PER_MINUTE = 512 * 1024  # ...and their bytes
+ROOM_FLOW_FACTOR = 5  # a conversation takes this many senders' share
+GUESTS_PER_ROOM = 100  # guest rows one conversation holds at most
 CHAT_PAGE_MAX = 1000  # messages in one answer, the oldest after the offset
 # Today's chat (docs/chat.md)
 CHAT_LIMIT_DEFAULT, CHAT_LIMIT_MAX = 100, 200
@@ -167,9 +173,14 @@ POLL_QUESTION_MAX, POLL_OPTION_MAX = 32000, 32000
 SIGNALING_TIMEOUT = 30
 SIGNALING_TTL = 300  # queued signaling messages live five minutes (as Talk)
 SIGNALING_QUEUE_MAX = 500  # per recipient session
-SIGNALING_MESSAGE_MAX = 64 * 1024  # one `fn` payload
+SIGNALING_MESSAGE_MAX = 16 * 1024  # bytes of one `fn` payload
+SIGNALING_QUEUE_BYTES = 256 * 1024  # queued for one recipient session
+SIGNALING_PER_MINUTE = 600  # signaling messages one session may send in a minute
+SIGNALING_BYTES_PER_MINUTE = 2 * 1024 * 1024  # ...and their bytes
 DEFAULT_STUN = "stun.nextcloud.com:443"
-TURN_CREDENTIAL_SECONDS = 24 * 3600
+# TURN credentials open a relay: hours, not the 24 hours of SPEC 7, and only
+# for users and joined guests.
+TURN_CREDENTIAL_SECONDS = 4 * 3600
 
 # Capabilities (SPEC 8, 11): the 2018 names first, then today's, each listed
 # only once its routes work (a listed feature the apps cannot use becomes an
@@ -263,6 +274,8 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 CREDENTIAL_CACHE_SECONDS = 300
 THROTTLE_FREE_FAILURES = 5  # failed logins from one address before any delay
 THROTTLE_MAX_DELAY = 300  # seconds
+THROTTLE_FORGET = 3600  # failures older than this no longer count
+THROTTLE_NAME_FACTOR = 4  # a user name or room tolerates this many times more
 ROOMS_PER_MINUTE = 30  # rooms one user may create in a minute
 
 # Sign-in for apps: app passwords, the sign-in page, login flows v1 and v2
@@ -283,6 +296,12 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 
+# The browser client's pages: its own files and API only, never in a frame
+CLIENT_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
 # Serving
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -290,6 +309,8 @@ DEFAULT_THREADS = 64
 DEFAULT_RESERVE = 4
 DEFAULT_MAX_BODY = 1024 * 1024
 MULTIPART_MAX_PARTS = 100
+CONNECTIONS_PER_ADDRESS = 32  # open connections one client address may hold
+REQUEST_TIMEOUT = 10  # seconds to send a whole request (headers and body)
 
 # ---------------------------------------------------------------------------
 # Errors and the OCS envelope
@@ -369,7 +390,9 @@ def ocs_meta(version, status, message):
     # Failed authentication carries Nextcloud's statuscode 997 (SPEC 1.5).
     code = 997 if status == 401 else status
     if version == 1:
-        code = 100 if 200 <= status < 300 else code
+        # Only a 200 becomes 100: a 201 keeps its code, and so its status is
+        # "failure", as Nextcloud's OCS v1 answers it (SPEC 1.3).
+        code = 100 if status == 200 else code
         return {
             "status": "ok" if code == 100 else "failure",
             "statuscode": code,
@@ -391,8 +414,16 @@ def http_status(version, status):
     return status
 
 
+# Characters XML 1.0 cannot carry at all, even escaped: C0 controls but tab,
+# newline and carriage return, lone surrogates, U+FFFE and U+FFFF.
+XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def xml_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """Escape for XML text and attributes; characters XML cannot carry become
+    U+FFFD, so no stored value can make an answer unparseable."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return XML_INVALID.sub("\ufffd", text)
 
 
 def xml_value(value):
@@ -486,7 +517,9 @@ MIGRATIONS: list[str] = [
     # 2: sign-in for apps, today's conversations, several sessions per attendee
     # today's chat (system messages, replies, reactions, polls, read markers)
     # and webhook bots.
+    # incremental vacuum (migrate() then runs the VACUUM that applies it).
     """
+    PRAGMA auto_vacuum = INCREMENTAL;
     ALTER TABLE users ADD COLUMN email TEXT NOT NULL DEFAULT '';
     ALTER TABLE users ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1;
     CREATE TABLE server_secrets (
@@ -688,12 +721,28 @@ MIGRATIONS: list[str] = [
 ]
 
 
+def create_private_file(path) -> None:
+    """Create `path` readable and writable by its owner only, unless it exists.
+
+    SQLite gives the -wal and -shm files the database file's permissions, so
+    rooms, chat and password hashes stay private whatever the umask.
+    """
+    if str(path) == ":memory:" or str(path).startswith("file:"):
+        return
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def connect(path, durability="full") -> sqlite3.Connection:
     """Open the database for one thread at a time, in WAL mode, autocommit."""
+    create_private_file(path)
     conn = sqlite3.connect(
         str(path), timeout=10, isolation_level=None, check_same_thread=False
     )
     conn.row_factory = sqlite3.Row
+    # Only takes effect on a new, empty file (and must come before WAL mode):
+    # freed pages can then go back to the file system (reclaim_pages).
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute("PRAGMA journal_mode = WAL")
     # FULL syncs the WAL on every commit: an answered write survives a power
     # cut. NORMAL may lose the last commits on power loss (never corrupts).
@@ -737,6 +786,11 @@ def migrate(conn):
         _migrate(conn)
     finally:
         conn.execute("PRAGMA foreign_keys = ON")
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        # A database made before incremental vacuum: one VACUUM (outside any
+        # transaction) rebuilds the file so that it can shrink from now on.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
 
 
 def _migrate(conn):
@@ -798,6 +852,9 @@ class Database:
         # Bumped after every commit of this process: cached answers built
         # from an older generation are stale.
         self.generation = 0
+        # Called with each SQL statement run (sqlite3's trace callback), when
+        # set: tests prove that a waiting long-poll runs none.
+        self.on_sql = None
 
     def _borrow(self):
         with self._lock:
@@ -818,6 +875,7 @@ class Database:
     def read(self):
         """A connection for reads; each statement sees the latest commit."""
         conn = self._borrow()
+        conn.set_trace_callback(self.on_sql)
         try:
             yield conn
         finally:
@@ -833,6 +891,7 @@ class Database:
             self._queued -= 1
             self._writing = True
         conn = self._writer
+        conn.set_trace_callback(self.on_sql)
         if self._batch is None:
             self._batch = Batch()
         batch = self._batch
@@ -1750,6 +1809,14 @@ def participant_by_attendee(db, room_id: int, attendee_id):
     ).fetchone()
 
 
+def rename_guest(db, old_guest_id: str, new_guest_id: str) -> None:
+    """Move a guest's rows (and so their sessions) to a new guest identity."""
+    db.execute(
+        "UPDATE participants SET guest_id = :new WHERE guest_id = :old",
+        {"new": new_guest_id, "old": old_guest_id},
+    )
+
+
 def remove_participant(db, participant_id: int) -> None:
     db.execute("DELETE FROM participants WHERE id = :id", {"id": participant_id})
 
@@ -2608,6 +2675,20 @@ def queue_signaling(db, recipient: str, sender: str, data: str, now: int) -> Non
     )
 
 
+def queued_bytes(db, recipient: str) -> int:
+    return db.execute(
+        "SELECT COALESCE(SUM(LENGTH(data)), 0) FROM signaling WHERE recipient = :recipient",
+        {"recipient": recipient},
+    ).fetchone()[0]
+
+
+def count_guests(db, room_id: int) -> int:
+    return db.execute(
+        "SELECT COUNT(*) FROM participants WHERE room_id = :room_id AND guest_id IS NOT NULL",
+        {"room_id": room_id},
+    ).fetchone()[0]
+
+
 def queued_count(db, recipient: str) -> int:
     return db.execute(
         "SELECT COUNT(*) FROM signaling WHERE recipient = :recipient",
@@ -2636,6 +2717,19 @@ def has_signaling(db, recipient: str) -> bool:
         ).fetchone()
         is not None
     )
+
+
+def reclaim_pages(db, limit: int = 20000) -> int:
+    """Give up to `limit` free pages back to the file system; how many were freed.
+
+    Python's sqlite3 steps `PRAGMA incremental_vacuum` once, which frees one
+    page, hence the loop (microseconds a page).
+    """
+    freed = 0
+    while freed < limit and db.execute("PRAGMA freelist_count").fetchone()[0]:
+        db.execute("PRAGMA incremental_vacuum(1)")
+        freed += 1
+    return freed
 
 
 def expire_signaling(db, before: int) -> None:
@@ -3690,8 +3784,13 @@ class Credentials:
         entry.row, entry.checked = row, now
         return row
 
-    def verify(self, database, user_id: str, password: str):
-        """The user's row when the password is right, else None."""
+    def verify(self, database, user_id: str, password: str, guard=None):
+        """The user's row when the password is right, else None.
+
+        A login the cache vouches for answers at once. Otherwise `guard` (a
+        LoginGuard) may refuse before this waits for anything, and counts the
+        attempt right before the password is hashed.
+        """
         fast = self._fast(user_id, password)
         row = self._vouched(user_id, fast)
         if row is not None:
@@ -3700,11 +3799,15 @@ class Credentials:
             row = get_user(db, user_id)
         if row is not None and self._vouched(user_id, fast, row):
             return row
+        if guard is not None:
+            guard.check()
         # One full check per user at a time: a burst of first requests from
         # one client waits for the first check instead of each paying for it.
         with self._stripes[hash(user_id) % len(self._stripes)]:
             if row is not None and self._vouched(user_id, fast, row):
                 return row
+            if guard is not None:
+                guard.begin()  # 429 here takes no hashing slot
             with self._hashing:
                 if self._dummy is None:
                     self._dummy = hash_password(secrets.token_hex(8))
@@ -3910,6 +4013,11 @@ def collapse_rfc2231_value(value) -> str:
     return email.utils.collapse_rfc2231_value(value)
 
 
+# C0 controls other than tab, newline and carriage return: refused on input
+# (an XML answer could not carry them, and no client needs them).
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
 def text_value(name, value, default=None, required=False) -> str | None:
     """A raw parameter as a string; numbers are taken as their text, other types 400."""
     if value is None:
@@ -3920,7 +4028,10 @@ def text_value(name, value, default=None, required=False) -> str | None:
         fail(400, f"Parameter {name} must be text, not a file")
     if isinstance(value, bool) or not isinstance(value, str | int):
         fail(400, f"Parameter {name} must be a string")
-    return str(value)
+    value = str(value)
+    if CONTROL_CHARACTERS.search(value):
+        fail(400, f"Parameter {name} contains a control character")
+    return value
 
 
 class Call:
@@ -3931,6 +4042,7 @@ class Call:
         self.actor = actor
         self.params = params
         self.version = version
+        self.may_wait = True  # False: a long-poll the dispatcher counted as none
 
     @property
     def now(self) -> int:
@@ -3983,9 +4095,7 @@ class Call:
             if not create:
                 return None
             cookie = secrets.token_urlsafe(32)
-            bottle.response.set_cookie(
-                DEVICE_COOKIE, cookie, path="/", httponly=True, samesite="lax"
-            )
+            set_cookie(DEVICE_COOKIE, cookie)
             bottle.request.cookies[DEVICE_COOKIE] = cookie
         return hashlib.sha256(cookie.encode("utf-8")).hexdigest()
 
@@ -4017,13 +4127,13 @@ class Call:
             return None
         return device_session(sessions_of(db, me["id"]), self.device(), self.now - ACTIVE_SECONDS)
 
-    def guest_id(self) -> str:
-        """The guest's cookie hash, setting a new cookie when it has none."""
-        if self.actor.guest_id is None:
-            cookie = secrets.token_urlsafe(32)
-            bottle.response.set_cookie(
-                GUEST_COOKIE, cookie, path="/", httponly=True, samesite="lax"
-            )
+    def guest_id(self, fresh=False) -> str:
+        """The guest's cookie hash, setting a new (signed) cookie when it has
+        none, or when `fresh`: a new identity once a room password is accepted,
+        so a cookie someone planted no longer reads the room."""
+        if self.actor.guest_id is None or fresh:
+            cookie = new_guest_cookie(self.talk.signin_key)
+            set_cookie(GUEST_COOKIE, cookie)
             self.actor.guest_id = guest_hash(cookie)
         return self.actor.guest_id
 
@@ -4037,66 +4147,175 @@ def guest_hash(cookie: str) -> str:
     return hashlib.sha256(cookie.encode("utf-8")).hexdigest()
 
 
+GUEST_COOKIE_PATTERN = re.compile(r"([A-Za-z0-9_-]{32})\.([0-9a-f]{32})")
+
+
+def new_guest_cookie(key: bytes) -> str:
+    """A guest cookie only this server can have made: random.signature."""
+    nonce = secrets.token_urlsafe(24)
+    return f"{nonce}.{keyed_hash(key, 'guest-cookie', nonce)[:32]}"
+
+
+def guest_cookie_ok(key: bytes, cookie) -> bool:
+    """Whether a guest cookie is one this server issued (a chosen one is not)."""
+    match = GUEST_COOKIE_PATTERN.fullmatch(cookie or "")
+    return bool(match) and hmac.compare_digest(
+        match.group(2), keyed_hash(key, "guest-cookie", match.group(1))[:32]
+    )
+
+
+def set_cookie(name: str, value: str) -> None:
+    """Set a cookie for this server's requests only: HttpOnly, SameSite=Lax,
+    Path=/, and Secure when the request came over HTTPS (through a trusted
+    proxy, which Waitress believes about X-Forwarded-Proto)."""
+    secure = bottle.request.environ.get("wsgi.url_scheme") == "https"
+    bottle.response.set_cookie(name, value, path="/", httponly=True, samesite="lax", secure=secure)
+
+
 class Throttle:
-    """Slows down password guessing from one address, as Nextcloud's brute-force
-    protection does, but without holding a worker thread: after a few failures
-    an address is refused with 429 and Retry-After for a delay that doubles
-    with each further failure. A success resets the address; other addresses
-    are never affected.
+    """Slows down password guessing, as Nextcloud's brute-force protection
+    does, but without holding a worker thread: after `free` failures a key
+    (an address, a user name, a room) is refused with 429 and Retry-After for
+    a delay that doubles with each further failure; failures are forgotten
+    `forget` seconds after the last one.
+
+    An attempt counts before its password is checked (begin), so a burst of
+    parallel guesses cannot all pass the check first; a success takes its
+    own count back and clears only what it proves (the user name or room
+    whose password it knew), never the address: an account holder cannot
+    wipe the failures of their guesses at someone else's password.
     """
 
-    def __init__(self, free=THROTTLE_FREE_FAILURES, max_delay=THROTTLE_MAX_DELAY):
+    def __init__(self, free=THROTTLE_FREE_FAILURES, max_delay=THROTTLE_MAX_DELAY,
+                 forget=THROTTLE_FORGET, clock=time.time):
         self.free = free
         self.max_delay = max_delay
-        self._failures: dict[str, tuple[int, float]] = {}
+        self.forget = forget
+        self.clock = clock
+        self._failures: dict[tuple, tuple[int, float]] = {}
         self._lock = threading.Lock()
 
-    def check(self, address: str) -> None:
-        """Raise 429 while the address must wait."""
+    def _free(self, key) -> int:
+        """Failures a key has before any delay. A user name or a room gets
+        more than an address: guesses spread over many addresses still slow
+        down, but a few of them do not lock the account's owner out."""
+        return self.free if key[0] == "address" else self.free * THROTTLE_NAME_FACTOR
+
+    def _wait(self, key, now) -> float:
+        """Seconds `key` must still wait (0 or less: it may try); under the lock."""
+        count, last = self._failures.get(key, (0, 0.0))
+        free = self._free(key)
+        if count < free or now - last > self.forget:
+            return 0.0
+        return last + min(2 ** (count - free), self.max_delay) - now
+
+    def _refuse(self, wait) -> None:
+        bottle.response.set_header("Retry-After", str(int(wait) + 1))
+        fail(429, f"Too many failed attempts; try again in {int(wait) + 1} s")
+
+    def check(self, *keys) -> None:
+        """Raise 429 while any of the keys must wait; counts nothing."""
+        now = self.clock()
         with self._lock:
-            count, last = self._failures.get(address, (0, 0.0))
-        if count < self.free:
-            return
-        delay = min(2 ** (count - self.free), self.max_delay)
-        wait = last + delay - time.monotonic()
+            wait = max(self._wait(key, now) for key in keys)
         if wait > 0:
-            bottle.response.set_header("Retry-After", str(int(wait) + 1))
-            fail(429, f"Too many failed attempts; try again in {int(wait) + 1} s")
+            self._refuse(wait)
 
-    def failed(self, address: str) -> None:
-        now = time.monotonic()
+    def begin(self, *keys) -> tuple:
+        """Count an attempt against every key at once, or raise 429 counting
+        nothing; pass the result to succeeded() when the password was right."""
+        now = self.clock()
         with self._lock:
-            if len(self._failures) > 10000:  # forget the quiet ones
-                cutoff = now - 2 * self.max_delay
-                self._failures = {a: f for a, f in self._failures.items() if f[1] > cutoff}
-            count, _ = self._failures.get(address, (0, 0.0))
-            self._failures[address] = (count + 1, now)
+            wait = max(self._wait(key, now) for key in keys)
+            if wait <= 0:
+                if len(self._failures) > 10000:  # forget the quiet ones
+                    cutoff = now - self.forget
+                    self._failures = {k: f for k, f in self._failures.items() if f[1] > cutoff}
+                for key in keys:
+                    count, last = self._failures.get(key, (0, 0.0))
+                    if now - last > self.forget:
+                        count = 0
+                    self._failures[key] = (count + 1, now)
+        if wait > 0:
+            self._refuse(wait)
+        return keys
 
-    def succeeded(self, address: str) -> None:
+    def succeeded(self, keys, proven=()) -> None:
+        """Take back the attempt `begin` counted; clear the keys in `proven`."""
         with self._lock:
-            self._failures.pop(address, None)
+            for key in keys:
+                count, last = self._failures.get(key, (0, 0.0))
+                if key in proven or count <= 1:
+                    self._failures.pop(key, None)
+                else:
+                    self._failures[key] = (count - 1, last)
+
+
+def address_key(address: str) -> tuple:
+    """The throttle key of a client address: IPv6 by its /64, which one
+    subscriber usually holds whole; IPv4 as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return ("address", address)
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return ("address", str(ip.ipv4_mapped))
+        return ("address", str(ipaddress.ip_network(f"{ip}/64", strict=False)))
+    return ("address", str(ip))
+
+
+def login_keys(environ, user_id: str) -> tuple:
+    """What a login attempt counts against: the address and the user name."""
+    return address_key(client_address(environ)), ("user", user_id)
 
 
 class RateLimit:
-    """At most `limit` events per key in a sliding minute (room creation)."""
+    """At most `limit` events (or bytes: `weight`) per key in a sliding minute
+    (room creation, chat, signaling)."""
 
-    def __init__(self, limit, seconds=60.0):
+    def __init__(self, limit, seconds=60.0, clock=time.monotonic):
         self.limit = limit
         self.seconds = seconds
-        self._events: dict[str, list[float]] = {}
+        self.clock = clock
+        self._events: dict[object, list[tuple[float, int]]] = {}
         self._lock = threading.Lock()
 
-    def take(self, key: str, what: str) -> None:
-        now = time.monotonic()
+    def take(self, key, what: str, weight: int = 1) -> None:
+        now = self.clock()
         with self._lock:
-            recent = [t for t in self._events.get(key, ()) if t > now - self.seconds]
-            if len(recent) >= self.limit:
+            if len(self._events) > 10000:  # forget the quiet ones
+                self._events = {
+                    k: e for k, e in self._events.items() if e and e[-1][0] > now - self.seconds
+                }
+            recent = [(t, w) for t, w in self._events.get(key, ()) if t > now - self.seconds]
+            if recent and sum(w for _, w in recent) + weight > self.limit:
                 self._events[key] = recent
-                retry = int(recent[0] + self.seconds - now) + 1
+                retry = int(recent[0][0] + self.seconds - now) + 1
                 bottle.response.set_header("Retry-After", str(retry))
                 fail(429, f"At most {self.limit} {what} a minute; try again in {retry} s")
-            recent.append(now)
+            recent.append((now, weight))
             self._events[key] = recent
+
+
+class Flow:
+    """What one sender and one room may put into the database in a minute:
+    a count and bytes for each, so neither many small nor a few huge writes
+    let an anonymous guest grow the file without bound (chat, signaling)."""
+
+    def __init__(self, what, per_sender, bytes_per_sender, room_factor, clock):
+        self.what = what
+        self.sender_count = RateLimit(per_sender, clock=clock)
+        self.sender_bytes = RateLimit(bytes_per_sender, clock=clock)
+        self.room_count = RateLimit(per_sender * room_factor, clock=clock)
+        self.room_bytes = RateLimit(bytes_per_sender * room_factor, clock=clock)
+
+    def take(self, sender, room_id, size: int, count: int = 1) -> None:
+        """Raise 429 when the sender or the room has had its share this minute."""
+        self.sender_count.take(sender, self.what, count)
+        self.sender_bytes.take(sender, f"bytes of {self.what}", size)
+        self.room_count.take(room_id, f"{self.what} in one conversation", count)
+        self.room_bytes.take(room_id, f"bytes of {self.what} in one conversation", size)
 
 
 def client_address(environ) -> str:
@@ -4124,10 +4343,42 @@ def load_signin_key(database) -> bytes:
     return key
 
 
-def password_login(talk, user_id: str, password: str):
-    """The user's row when the login password is right and the user enabled, else None."""
-    row = talk.credentials.verify(talk.db, user_id, password)
-    return row if row is not None and row["enabled"] else None
+class LoginGuard:
+    """The password throttle around one login: a refusal (429) comes before
+    the login waits for a hashing slot; an attempt counts before its hash."""
+
+    def __init__(self, throttle, keys, proven=()):
+        self.throttle, self.keys, self.proven = throttle, keys, proven
+        self.counted = None
+
+    def check(self) -> None:
+        self.throttle.check(*self.keys)
+
+    def begin(self) -> None:
+        self.counted = self.throttle.begin(*self.keys)
+
+    def succeeded(self) -> None:
+        if self.counted is not None:
+            self.throttle.succeeded(self.counted, self.proven)
+
+
+def password_login(talk, user_id: str, password: str, environ=None):
+    """The user's row when the login password is right and the user enabled, else None.
+
+    Throttled by address and user name (with `environ`); a login the
+    credential cache already vouches for is never refused, so an attack from
+    a shared address does not lock out who is signed in already.
+    """
+    guard = None
+    if environ is not None:
+        keys = login_keys(environ, user_id)
+        guard = LoginGuard(talk.throttle, keys, proven=(keys[1],))
+    row = talk.credentials.verify(talk.db, user_id, password, guard)
+    if row is None or not row["enabled"]:
+        return None
+    if guard is not None:
+        guard.succeeded()
+    return row
 
 
 def app_password_login(talk, user_id: str, password: str):
@@ -4144,7 +4395,7 @@ def app_password_login(talk, user_id: str, password: str):
     return row
 
 
-def basic_login(talk, user_id: str, password: str) -> Actor | None:
+def basic_login(talk, user_id: str, password: str, environ=None) -> Actor | None:
     """The user Basic auth names, by an app password or the login password.
 
     Something shaped like an app password is looked up by its hash first (no
@@ -4160,7 +4411,7 @@ def basic_login(talk, user_id: str, password: str) -> Actor | None:
                 credential=APP_PASSWORD,
                 app_password_id=row["app_password_id"],
             )
-    row = password_login(talk, user_id, password)
+    row = password_login(talk, user_id, password, environ)
     if row is None:
         return None
     return Actor(user_id=row["id"], display_name=row["display_name"], credential=PASSWORD)
@@ -4188,16 +4439,13 @@ def authenticate(talk, environ, need_user: bool) -> Actor:
     401 when that fails (SPEC 1.5). A disabled user is refused with any of them."""
     header = environ.get("HTTP_AUTHORIZATION")
     if header:
-        address = client_address(environ)
-        talk.throttle.check(address)
         credentials = basic_credentials(header)
-        actor = None
-        if credentials is not None:
-            actor = basic_login(talk, *credentials)
-        if actor is None:
-            talk.throttle.failed(address)
+        if credentials is None:  # malformed: a failure of the address
+            talk.throttle.begin(address_key(client_address(environ)))
             fail(401, "Wrong user name or password")
-        talk.throttle.succeeded(address)
+        actor = basic_login(talk, *credentials, environ=environ)
+        if actor is None:
+            fail(401, "Wrong user name or password")
         return actor
     session = web_session(talk, environ)
     if session is not None:
@@ -4205,9 +4453,9 @@ def authenticate(talk, environ, need_user: bool) -> Actor:
     if need_user:
         fail(401, "Authentication required")
     cookie = bottle.request.get_cookie(GUEST_COOKIE)
-    if cookie and re.fullmatch(r"[A-Za-z0-9_-]{20,100}", cookie):
+    if guest_cookie_ok(talk.signin_key, cookie):
         return Actor(guest_id=guest_hash(cookie))
-    return Actor()
+    return Actor()  # a cookie the server did not issue is no identity (fixation)
 
 
 def csrf_ok(environ) -> bool:
@@ -4215,8 +4463,9 @@ def csrf_ok(environ) -> bool:
 
 
 # Access levels for room_for, from loosest to tightest.
-SEE, ROW, MEMBER, MODERATE, JOINED, CHAT, CALL_LIST = (
+SEE, LIST, ROW, MEMBER, MODERATE, JOINED, CHAT, CALL_LIST = (
     "see",
+    "list",
     "row",
     "member",
     "moderate",
@@ -4235,7 +4484,8 @@ def outside_lobby(room, me, now) -> None:
 def room_for(db, actor: Actor, token: str, need: str = SEE):
     """The room and the caller's row, or the document's 404 / 403.
 
-    SEE: a row, or a public room. ROW: any row. MEMBER: a user row of type
+    SEE: a row, or a public room. LIST: a row, or a public room without a
+    password. ROW: any row. MEMBER: a user row of type
     1-3. MODERATE: 1-2 (403 for other members). JOINED: a session in the
     room. CHAT: members, joined or not, and joined type 4/5 (SPEC 6).
     CALL_LIST: joined or member (SPEC 5).
@@ -4248,6 +4498,8 @@ def room_for(db, actor: Actor, token: str, need: str = SEE):
     joined = me is not None and me["session_id"] != "0"
     allowed = {
         SEE: me is not None or room["type"] == ROOM_PUBLIC,
+        # Who is in a password room is for those who gave the password.
+        LIST: me is not None or (room["type"] == ROOM_PUBLIC and not room["password_hash"]),
         ROW: me is not None,
         MEMBER: is_member,
         MODERATE: is_member,
@@ -4275,6 +4527,7 @@ class Waiter:
         self.cond = threading.Condition(lock)
         self.keys = keys
         self.fired = False
+        self.superseded = False  # a newer poll of the same owner took over
         self.news: list = []
 
 
@@ -4291,6 +4544,8 @@ class Notifier:
     """
 
     def __init__(self, max_waiting, overflow_wait=1.0, slice_seconds=1.0, time_scale=1.0):
+        # Where waits read the time: tests freeze it to pin the timeouts asked for.
+        self.monotonic = time.monotonic
         self._lock = threading.Lock()
         self._waiters: dict[tuple, set[Waiter]] = {}
         self.max_waiting = max_waiting
@@ -4299,17 +4554,29 @@ class Notifier:
         self.time_scale = time_scale
         self.waiting = 0
         self.closed = False
+        self._owners: dict[tuple, Waiter] = {}  # the one poll each owner may hold
 
     @contextlib.contextmanager
-    def listen(self, *keys):
+    def listen(self, *keys, owner=None):
+        """Register a waiter for `keys`. An `owner` (a session, say) holds one
+        poll at a time: a newer one answers the older at once (superseded),
+        so one client cannot pile up waiting requests."""
         waiter = Waiter(self._lock, keys)
         with self._lock:
+            if owner is not None:
+                older = self._owners.get(owner)
+                if older is not None:
+                    older.superseded = older.fired = True
+                    older.cond.notify()
+                self._owners[owner] = waiter
             for key in keys:
                 self._waiters.setdefault(key, set()).add(waiter)
         try:
             yield waiter
         finally:
             with self._lock:
+                if owner is not None and self._owners.get(owner) is waiter:
+                    del self._owners[owner]
                 for key in keys:
                     waiters = self._waiters.get(key)
                     if waiters is not None:
@@ -4343,7 +4610,7 @@ class Notifier:
         Returns True when notified. The wait wakes once per slice to notice a
         client that disconnected; that is a flag check, not a re-query.
         """
-        deadline = time.monotonic() + seconds * self.time_scale
+        deadline = self.monotonic() + seconds * self.time_scale
         with self._lock:
             if waiter.fired or self.closed or seconds <= 0:
                 fired, waiter.fired = waiter.fired, False
@@ -4351,14 +4618,14 @@ class Notifier:
             if self.waiting >= self.max_waiting:
                 # Over budget: a short wait keeps the client from spinning
                 # while the reserve threads stay free for everything else.
-                deadline = min(deadline, time.monotonic() + self.overflow_wait)
+                deadline = min(deadline, self.monotonic() + self.overflow_wait)
                 counted = False
             else:
                 self.waiting += 1
                 counted = True
             try:
                 while not waiter.fired and not self.closed:
-                    left = deadline - time.monotonic()
+                    left = deadline - self.monotonic()
                     if left <= 0:
                         break
                     waiter.cond.wait(min(left, self.slice_seconds))
@@ -4389,6 +4656,23 @@ def long_poll(waits):
         return handler
 
     return mark
+
+
+def poll_query(query_string: str) -> dict:
+    """The query parameters as a long-poll classifier reads them: the last of
+    repeated ones (as Bottle), and {} when the string cannot be parsed."""
+    try:
+        return dict(parse_qsl(query_string or "", keep_blank_values=True))
+    except ValueError:
+        return {}
+
+
+def may_wait(handler, query_string: str) -> bool:
+    """Whether a request to `handler` may wait, decided once from its query
+    string: the serving layer budgets threads by it, and the handler obeys
+    it (a body or an odd encoding cannot turn "no wait" into a wait)."""
+    waits = getattr(handler, "waits", None)
+    return bool(waits and waits(poll_query(query_string)))
 
 
 def query_integer(query, name, default) -> int:
@@ -4982,6 +5266,7 @@ REFUSED = {
     "demote-self": (403, "You cannot demote yourself"),
     "demote-not-moderator": (412, "Only a moderator (type 2) can be demoted"),
     "wrong-password": (403, "Wrong room password"),
+    "guest-limit": (429, "The conversation has as many guests as it can take"),
     # Only today's routes refuse these:
     "one-to-one": (400, "Not possible in a one-to-one conversation"),
     "not-group-or-public": (400, "Only group and public conversations have this setting"),
@@ -5120,8 +5405,7 @@ class Rooms:
             elif room_type == ROOM_GROUP:
                 members = []
                 if invite:
-                    if not group_exists(db, invite):
-                        raise Refused("no-group")
+                    self.check_group(db, actor, invite)
                     members = [u for u in group_members(db, invite) if u != me]
                 room = create_room(db, ROOM_GROUP, name or invite, now)
                 self.say(db, room["id"], speaker(actor, None), "conversation_created")
@@ -5141,6 +5425,16 @@ class Rooms:
                 add_participant(db, room["id"], OWNER, 0, user_id=me)
             room = room_by_id(db, room["id"])
         return room, True
+
+    @staticmethod
+    def check_group(db, actor, group_id) -> None:
+        """Only a member of a group, or an administrator, may pull its members
+        into a room; to anyone else it does not exist (404): a group, `admin`
+        above all, is no list of people to reveal or invite."""
+        if not group_id or not group_exists(db, group_id):
+            raise Refused("no-group")
+        if group_id not in groups_of(db, actor.user_id) and not is_admin(db, actor.user_id):
+            raise Refused("no-group")
 
     def rename(self, actor, token, raw_name, max_length) -> sqlite3.Row:
         """Rename a room (moderators); a one-to-one room's name is its partner.
@@ -5249,8 +5543,7 @@ class Rooms:
             room, me = room_for(db, actor, token, MODERATE)
             if room["type"] not in (ROOM_GROUP, ROOM_PUBLIC):
                 raise Refused("one-to-one" if room["type"] == ROOM_ONE_TO_ONE else "not-group-or-public")
-            if not group_id or not group_exists(db, group_id):
-                raise Refused("no-group")
+            self.check_group(db, actor, group_id)
             for user_id in group_members(db, group_id):
                 if participant_of(db, room["id"], user_id=user_id) is None:
                     pid = add_participant(db, room["id"], USER, 0, user_id=user_id)
@@ -5330,7 +5623,8 @@ class Rooms:
         """Join a room: a new session for the caller; (room, session id).
 
         Guests and self-joining users give the room password (checked before
-        the write transaction, as scrypt is slow, and throttled per address).
+        the write transaction, as scrypt is slow, and throttled per address and
+        room).
         `guest_id` is called for a guest's id once the password passed. A
         2018 join (no `device`) replaces the caller's sessions; today's adds
         one per device, replacing only the one this device held, unless that
@@ -5342,17 +5636,28 @@ class Rooms:
             me is not None and actor.user_id and me["participant_type"] in MEMBER_TYPES
         )
         if needs_password:
-            self.talk.room_throttle.check(address)
+            room_key = ("room", room["id"])
+            guard = LoginGuard(self.talk.room_throttle, (address_key(address), room_key),
+                               proven=(room_key,))
+            guard.check()
+            guard.begin()
             if not self.talk.credentials.check(room["password_hash"], password):
-                self.talk.room_throttle.failed(address)
                 raise Refused("wrong-password")
-            self.talk.room_throttle.succeeded(address)
-        guest = None if actor.user_id else guest_id()
+            guard.succeeded()
+        previous = actor.guest_id
+        guest = None if actor.user_id else guest_id(fresh=needs_password)
         now = self.now()
         with self.talk.db.write() as db:
+            if guest is not None and previous not in (None, guest):
+                # The guest keeps its rows in other rooms under the new identity.
+                rename_guest(db, previous, guest)
             room, me = room_for(db, actor, token, SEE)
             if me is None:
                 kind = USER_SELF_JOINED if actor.user_id else GUEST
+                if kind == GUEST:
+                    expire_guests(db, room["id"], now - GUEST_EXPIRY_SECONDS)
+                    if count_guests(db, room["id"]) >= self.talk.guests_per_room:
+                        raise Refused("guest-limit")
                 pid = add_participant(
                     db, room["id"], kind, now, user_id=actor.user_id, guest_id=guest
                 )
@@ -5696,7 +6001,7 @@ def participant_list(rq, token):
     """GET /room/{token}/participants: Get list of participants in a room."""
     rq.talk.expire_guests(token)
     with rq.talk.db.read() as db:
-        room, _ = room_for(db, rq.actor, token, SEE)
+        room, _ = room_for(db, rq.actor, token, LIST)
         rows = participants_of(db, room["id"])
     return [participant_json(row) for row in rows]
 
@@ -5814,20 +6119,23 @@ def chat_receive(rq, token):
     offset = rq.integer("offset", 0, minimum=0)
     since = rq.integer("notOlderThanTimestamp", 0, minimum=0)
     timeout = min(rq.integer("timeout", CHAT_DEFAULT_TIMEOUT, minimum=0), CHAT_MAX_TIMEOUT)
+    if not rq.may_wait:
+        timeout = 0
     talk = rq.talk
-    deadline = time.monotonic() + timeout * talk.notifier.time_scale
+    deadline = talk.notifier.monotonic() + timeout * talk.notifier.time_scale
     with talk.db.read() as db:
         room, me = room_for(db, rq.actor, token, CHAT)
         outside_lobby(room, me, rq.now)
-    with talk.notifier.listen(chat_key(room["id"])) as waiter:
+    owner = poll_owner(me)
+    with talk.notifier.listen(chat_key(room["id"]), owner=owner) as waiter:
         last_look = waited = False
         while True:
             with talk.db.read() as db:
                 if waited:  # the room may have gone, or the caller with it
                     room, _ = room_for(db, rq.actor, token, CHAT)
                 start, rows = messages_after(db, room["id"], offset, since, CHAT_PAGE_MAX, rq.now)
-            left = (deadline - time.monotonic()) / talk.notifier.time_scale
-            if rows or last_look or left <= 0 or talk.notifier.closed:
+            left = (deadline - talk.notifier.monotonic()) / talk.notifier.time_scale
+            if rows or last_look or left <= 0 or talk.notifier.closed or waiter.superseded:
                 break
             # Not notified means timed out, over the budget, client gone or
             # shutting down: look once more, then answer.
@@ -5863,6 +6171,15 @@ def seen(rq, db, me, now) -> None:
         touch(db, me["id"], now)
     else:
         touch_session(db, session["id"], me["id"], now)
+
+
+def poll_owner(me) -> tuple | None:
+    """Whose long-poll this is: the caller's session in the room. A member
+    who has not joined (a user, no session) is bounded by the dispatcher's
+    long-poll budget alone."""
+    if me is not None and me["session_id"] != "0":
+        return ("chat-session", me["session_id"])
+    return None
 
 
 def messages_in_news(news, start) -> list:
@@ -6073,6 +6390,8 @@ def chat_send(rq, token):
             # The 2018 routes name a guest by its session, today's by its attendee.
             actor_id = guest_actor_id(me["guest_id"]) if modern else (
                 hashlib.sha1(me["session_id"].encode()).hexdigest())
+        sender = ("session", me["session_id"]) if me["session_id"] != "0" else ("user", actor_id)
+        rq.talk.chat_flow.take(sender, room["id"], len(message.encode("utf-8")))
         parameters, users, everyone = parse_mentions(db, room, message)
         expires = now + room["message_expiration"] if room["message_expiration"] else 0
         row = add_message(
@@ -6468,6 +6787,17 @@ def turn_credentials(secret: str, now: int) -> tuple[str, str]:
     return username, base64.b64encode(digest).decode("ascii")
 
 
+def may_relay(rq) -> bool:
+    """Whether the caller may have TURN credentials: a user, or a guest who has
+    joined a room. Anyone else would have an open relay for the asking."""
+    if rq.actor.user_id:
+        return True
+    if rq.actor.guest_id is None:
+        return False
+    with rq.talk.db.read() as db:
+        return guest_has_session(db, rq.actor.guest_id)
+
+
 def ice_servers(talk, now) -> tuple[list[str], list[dict]]:
     """The configured STUN URLs, and the TURN servers ({urls, username, credential})
     with fresh credentials; both generations' signaling settings shape these."""
@@ -6533,8 +6863,8 @@ def relay_signaling(talk, db, items, my_session, room_id, now, control=True) -> 
             continue
         payload = item.get("fn")
         if isinstance(payload, str):
-            if len(payload) > SIGNALING_MESSAGE_MAX:
-                fail(413, "Signaling message too large")
+            if len(payload.encode("utf-8", "surrogatepass")) > SIGNALING_MESSAGE_MAX:
+                fail(413, f"A signaling message is at most {SIGNALING_MESSAGE_MAX} bytes")
             try:
                 payload = json.loads(payload)
             except ValueError:
@@ -6546,10 +6876,17 @@ def relay_signaling(talk, db, items, my_session, room_id, now, control=True) -> 
         recipient = session_by_id(db, payload["to"])
         if recipient is None or recipient["room_id"] != room_id:
             continue  # only sessions of the same room receive
-        if queued_count(db, payload["to"]) >= talk.signaling_queue_max:
-            fail(429, "The recipient's signaling queue is full")
         payload["from"] = my_session
-        queue_signaling(db, payload["to"], my_session, json.dumps(payload), now)
+        data = json.dumps(payload)
+        if len(data) > SIGNALING_MESSAGE_MAX + 1024:  # fn given as an object
+            fail(413, f"A signaling message is at most {SIGNALING_MESSAGE_MAX} bytes")
+        if (
+            queued_count(db, payload["to"]) >= talk.signaling_queue_max
+            or queued_bytes(db, payload["to"]) + len(data) > SIGNALING_QUEUE_BYTES
+        ):
+            fail(429, "The recipient's signaling queue is full")
+        talk.signaling_flow.take(("session", my_session), room_id, len(data))
+        queue_signaling(db, payload["to"], my_session, data, now)
         woken.add(payload["to"])
     return woken
 
@@ -6586,7 +6923,8 @@ def signaling_receive(rq, token=None):
         if my_session is None:
             raise gone
         touch_session(db, my_session, session_by_id(db, my_session)["participant_id"], rq.now)
-    with talk.notifier.listen(room_key(room_id), session_key(my_session)) as waiter:
+    owner = ("signaling", my_session)
+    with talk.notifier.listen(room_key(room_id), session_key(my_session), owner=owner) as waiter:
         with talk.db.read() as db:
             pending = has_signaling(db, my_session)
         if not pending:
@@ -7155,19 +7493,19 @@ def signed_bot(rq, token, text):
     with rq.talk.db.read() as db:
         room = room_by_token(db, token)
         bots = bots_in_room(db, room["id"]) if room is not None else []
+    attempt = rq.talk.bot_throttle.begin(address_key(client_address(request.environ)))
     for bot in bots:
         if bot["features"] & BOT_RESPONSE and hmac.compare_digest(
             bot_signature(bot["secret"], random, text), signature
         ):
-            rq.talk.bot_throttle.succeeded(client_address(request.environ))
+            rq.talk.bot_throttle.succeeded(attempt, proven=attempt)
             return room, bot
-    rq.talk.bot_throttle.failed(client_address(request.environ))
     fail(401, "No enabled bot of this conversation signed the request")
 
 
 def bot_message(rq, token):
     """POST /bot/{token}/message: A bot writes (message, replyTo, referenceId, silent)."""
-    rq.talk.bot_throttle.check(client_address(bottle.request.environ))
+    rq.talk.bot_throttle.check(address_key(client_address(bottle.request.environ)))
     message = rq.text("message", "") or ""
     if not message.strip():
         fail(400, "The message is empty")
@@ -7206,7 +7544,7 @@ def bot_message(rq, token):
 
 def bot_reaction_change(rq, token, message_id, add):
     """A bot's reaction: signed like a message, over the reaction text."""
-    rq.talk.bot_throttle.check(client_address(bottle.request.environ))
+    rq.talk.bot_throttle.check(address_key(client_address(bottle.request.environ)))
     text = rq.text("reaction", "") or ""
     room, bot = signed_bot(rq, token, text)
     message_id = message_id_of(message_id)
@@ -7338,7 +7676,10 @@ def static_file(path="index.html"):
         return bottle.HTTPError(404, "The browser client is not installed")
     answer = bottle.static_file(path, root=str(root))
     answer.set_header("Cache-Control", "no-cache")
+    # The client's own scripts, styles and API only; no framing (clickjacking).
+    answer.set_header("Content-Security-Policy", CLIENT_CSP)
     answer.set_header("X-Content-Type-Options", "nosniff")
+    answer.set_header("Referrer-Policy", "no-referrer")  # room tokens live in URLs
     return answer
 
 
@@ -7397,13 +7738,13 @@ def cloud_users_details(rq):
 
 def cloud_user_add(rq):
     """POST /cloud/users: create a user (administrators)."""
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)  # before any validation (SPEC 9)
     user_id = valid_id(rq.text("userid", ""), "user id")
     password = rq.text("password", "")
     if not password:
         fail(400, "A password is required")
     display_name = rq.text("displayName", "") or rq.text("displayname", "") or user_id
-    with rq.talk.db.read() as db:
-        require_admin(rq, db)
     password_hash = rq.talk.credentials.hash(password)
     with rq.talk.db.write() as db:
         if get_user(db, user_id) is not None:
@@ -7422,14 +7763,14 @@ def cloud_user_get(rq, userid):
 
 def cloud_user_edit(rq, userid):
     """PUT /cloud/users/{userid}: set displayname or password (administrators)."""
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)  # before any validation (SPEC 9)
+        existing_user(db, userid)
     key, value = rq.text("key", ""), rq.text("value", "")
     if key not in ("displayname", "display", "password"):
         fail(400, "key must be displayname or password", v1_code=103)
     if not value:
         fail(400, "value must not be empty", v1_code=102)
-    with rq.talk.db.read() as db:
-        require_admin(rq, db)
-        existing_user(db, userid)
     password_hash = rq.talk.credentials.hash(value) if key == "password" else None
     with rq.talk.db.write() as db:
         existing_user(db, userid)
@@ -7466,9 +7807,14 @@ def cloud_user_disable(rq, userid):
 
 
 def cloud_user_delete(rq, userid):
-    """DELETE /cloud/users/{userid}: delete a user and their rooms (administrators)."""
+    """DELETE /cloud/users/{userid}: delete a user and their rooms (administrators).
+
+    As Nextcloud, an administrator cannot delete themselves (statuscode 101):
+    the last one would lock administration out."""
     with rq.talk.db.write() as db:
         require_admin(rq, db)
+        if userid == rq.actor.user_id:
+            fail(400, "You cannot delete yourself", v1_code=101)
         existing_user(db, userid)
         rooms = delete_user(db, userid)
     rq.talk.credentials.forget(userid)
@@ -7488,9 +7834,9 @@ def cloud_user_groups(rq, userid):
 
 def cloud_user_group_add(rq, userid):
     """POST /cloud/users/{userid}/groups: add a user to a group (administrators)."""
-    group_id = rq.text("groupid", "")
     with rq.talk.db.write() as db:
         require_admin(rq, db)
+        group_id = rq.text("groupid", "")
         existing_user(db, userid)
         existing_group(db, group_id)
         add_to_group(db, group_id, userid)
@@ -7498,12 +7844,17 @@ def cloud_user_group_add(rq, userid):
 
 
 def cloud_user_group_remove(rq, userid):
-    """DELETE /cloud/users/{userid}/groups: remove a user from a group (administrators)."""
-    group_id = rq.text("groupid", "")
+    """DELETE /cloud/users/{userid}/groups: remove a user from a group (administrators).
+
+    As Nextcloud, nobody leaves group admin themselves (statuscode 105), so
+    the last administrator stays one."""
     with rq.talk.db.write() as db:
         require_admin(rq, db)
+        group_id = rq.text("groupid", "")
         existing_user(db, userid)
         existing_group(db, group_id)
+        if userid == rq.actor.user_id and group_id == ADMIN_GROUP:
+            fail(400, "You cannot remove yourself from the admin group", v1_code=105)
         remove_from_group(db, group_id, userid)
     return []
 
@@ -7537,9 +7888,10 @@ def cloud_groups_details(rq):
 
 def cloud_group_add(rq):
     """POST /cloud/groups: create a group (administrators)."""
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)  # before any validation (SPEC 9)
     group_id = valid_id(rq.text("groupid", ""), "group id")
     with rq.talk.db.write() as db:
-        require_admin(rq, db)
         if group_exists(db, group_id):
             fail(400, "Group already exists", v1_code=102)
         create_group(db, group_id)
@@ -7556,10 +7908,10 @@ def cloud_group_get(rq, groupid):
 
 def cloud_group_delete(rq, groupid):
     """DELETE /cloud/groups/{groupid}: delete a group (administrators)."""
-    if groupid == ADMIN_GROUP:
-        fail(403, "The admin group cannot be deleted")
     with rq.talk.db.write() as db:
         require_admin(rq, db)
+        if groupid == ADMIN_GROUP:
+            fail(403, "The admin group cannot be deleted")
         existing_group(db, groupid)
         delete_group(db, groupid)
     return []
@@ -7705,8 +8057,7 @@ def safe_redirect(target) -> str:
 
 def set_page_cookie(name: str, value: str) -> None:
     """A browser-session cookie only this server's pages and requests see."""
-    secure = bottle.request.environ.get("wsgi.url_scheme") == "https"
-    bottle.response.set_cookie(name, value, path="/", httponly=True, samesite="lax", secure=secure)
+    set_cookie(name, value)
 
 
 def presession_token(rq) -> str:
@@ -7772,13 +8123,10 @@ def signin(rq):
     user, password = rq.text("user", "") or "", rq.text("password", "") or ""
     if not presession_ok(rq):
         return signin_form(rq, target, user, "The form expired; please try again.", 403)
-    address = client_address(bottle.request.environ)
-    rq.talk.throttle.check(address)
-    row = password_login(rq.talk, user, password) if user and password else None
+    environ = bottle.request.environ
+    row = password_login(rq.talk, user, password, environ) if user and password else None
     if row is None:
-        rq.talk.throttle.failed(address)
         return signin_form(rq, target, user, "Wrong user name or password.", 401)
-    rq.talk.throttle.succeeded(address)
     cookie = secrets.token_urlsafe(32)
     with rq.talk.db.write() as db:
         expire_web_sessions(db, rq.now - WEB_SESSION_IDLE)
@@ -8513,6 +8861,9 @@ class Talk:
         throttle_free_failures=THROTTLE_FREE_FAILURES,
         public_url="",
         webhook_timeout=WEBHOOK_TIMEOUT,
+        chat_per_minute=CHAT_PER_MINUTE,
+        signaling_per_minute=SIGNALING_PER_MINUTE,
+        guests_per_room=GUESTS_PER_ROOM,
     ):
         if durability not in ("full", "normal"):
             raise ValueError("durability must be full or normal")
@@ -8532,12 +8883,22 @@ class Talk:
         self.turn_server = turn_server
         self.turn_secret = turn_secret
         self.signaling_queue_max = signaling_queue_max
+        # Chat and signaling per sender and per room (on the app clock): an
+        # anonymous guest cannot grow the database without bound.
+        # The byte allowances scale with the message counts.
+        chat_bytes = CHAT_BYTES_PER_MINUTE * chat_per_minute // CHAT_PER_MINUTE
+        signaling_bytes = SIGNALING_BYTES_PER_MINUTE * signaling_per_minute // SIGNALING_PER_MINUTE
+        self.chat_flow = Flow("messages", chat_per_minute, chat_bytes, ROOM_FLOW_FACTOR, clock)
+        self.signaling_flow = Flow(
+            "signaling messages", signaling_per_minute, signaling_bytes, ROOM_FLOW_FACTOR, clock
+        )
+        self.guests_per_room = guests_per_room
         self.room_creation = RateLimit(rooms_per_minute)
-        self.throttle = Throttle(throttle_free_failures)  # logins
+        self.throttle = Throttle(throttle_free_failures, clock=clock)  # logins
         self.signin_key = load_signin_key(self.db)
         self.flow_starts = RateLimit(LOGIN_FLOWS_PER_MINUTE)
         # Room passwords apart: a user's successful login must not reset them.
-        self.room_throttle = Throttle(throttle_free_failures)
+        self.room_throttle = Throttle(throttle_free_failures, clock=clock)
         self.rooms = Rooms(self)
         self.config_hash = config_hash(self)
         self.public_url = public_url  # X-Nextcloud-Talk-Backend; "" = the request's own
@@ -8583,6 +8944,9 @@ class Talk:
         self.notifier.notify(*keys)  # news None: today's polls look again
         if not chat:
             self.bots.posted(room_id)
+        if chat:  # the room went, with its history: let the file shrink
+            with self.db.write() as db:
+                reclaim_pages(db)
 
     def chat_posted(self, room_id, *rows, changed=False):
         """Wake the room's chat polls with the messages just committed (none
@@ -8717,7 +9081,9 @@ def ocs_callback(talk, handler, who, generation=1, max_body=None):
             actor = Actor() if who == BOT else authenticate(talk, environ, need_user=(who == USERS))
             if who != IMAGE and not csrf_ok(environ):
                 raise CSRFError()
-            result = handler(Call(talk, actor, {**query, **body}, version), **url_args)
+            rq = Call(talk, actor, {**query, **body}, version)
+            rq.may_wait = may_wait(handler, environ.get("QUERY_STRING", ""))
+            result = handler(rq, **url_args)
         except (OCSError, Refused) as error:
             if isinstance(error, Refused):
                 error = error.as_ocs_error(generation)
@@ -8805,9 +9171,10 @@ def make_app(db_path, **options) -> bottle.Bottle:
     one), max_body (bytes), stun_servers, turn_server, turn_secret,
     signaling_queue_max, rooms_per_minute, throttle_free_failures,
     public_url (the X-Nextcloud-Talk-Backend of webhooks; default: the URL
-    each request came to), webhook_timeout (seconds). The app's state is
-    `app.talk`; `app.talk.close()` ends waits, stops the webhook workers and
-    closes the database.
+    each request came to), webhook_timeout (seconds), chat_per_minute,
+    signaling_per_minute (per sender; a room takes five senders' share),
+    guests_per_room. The app's state is `app.talk`; `app.talk.close()` ends
+    waits, stops the webhook workers and closes the database.
     """
     talk = Talk(db_path, **options)
     app = bottle.Bottle(catchall=True)
@@ -8848,13 +9215,7 @@ def is_long_poll(channel) -> bool:
         return False
     for pattern, waits in LONG_POLL_ROUTES:
         if pattern.match(request.path):
-            if waits is None:
-                return False
-            try:
-                query = dict(parse_qsl(request.query or "", keep_blank_values=True))
-            except ValueError:
-                return False
-            return bool(waits(query))
+            return bool(waits and waits(poll_query(request.query)))
     return False
 
 
@@ -8921,6 +9282,104 @@ class PollSlot:
             self.dispatcher.poll_done()
 
 
+class OCSErrorTask(waitress.task.ErrorTask):
+    """Waitress's own refusals (a body over the limit: 413; a malformed
+    request: 400) as OCS envelopes under /ocs/, like the app's (SPEC 1.2)."""
+
+    def execute(self):
+        request, error = self.request, self.request.error
+        path = getattr(request, "path", "") or ""
+        if not path.startswith("/ocs/"):
+            return super().execute()
+        fmt = poll_query(getattr(request, "query", "")).get("format")
+        if fmt not in ("json", "xml"):
+            accept = request.headers.get("ACCEPT", "")
+            fmt = "json" if "application/json" in accept else "xml"
+        message = STATUS_MESSAGES.get(error.code, error.reason)
+        document = {"ocs": {"meta": ocs_meta(ocs_version(path), error.code, message), "data": []}}
+        if fmt == "xml":
+            body = ('<?xml version="1.0"?>\n' + xml_value(document)).encode("utf-8")
+        else:
+            body = json.dumps(document, separators=(",", ":")).encode("utf-8")
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", f"application/{fmt}; charset=utf-8"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class GuardedChannel(waitress.channel.HTTPChannel):
+    """A Waitress connection that counts against its client address, and
+    notes when its current request began (see guard_server)."""
+
+    error_task_class = OCSErrorTask
+    request_started = 0.0
+    counted = None  # the address this connection counts against
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map)
+        address = addr[0] if isinstance(addr, tuple) else str(addr)
+        guard = server.talk_guard
+        if address in guard["exempt"]:
+            return
+        with guard["lock"]:
+            held = guard["open"].get(address, 0)
+            if held >= guard["limit"]:
+                refused = True
+            else:
+                refused = False
+                guard["open"][address] = held + 1
+                self.counted = address
+        if refused:  # one client may not take every connection
+            self.will_close = True
+
+    def received(self, data):
+        if self.request is None and data:
+            self.request_started = time.time()
+        return super().received(data)
+
+    def del_channel(self, map=None):
+        address, self.counted = self.counted, None
+        if address is not None:
+            guard = self.server.talk_guard
+            with guard["lock"]:
+                left = guard["open"].get(address, 1) - 1
+                if left > 0:
+                    guard["open"][address] = left
+                else:
+                    guard["open"].pop(address, None)
+        super().del_channel(map)
+
+
+def guard_server(server, per_address, request_timeout, exempt=()):
+    """Bound the connections of each client address (a proxy we trust is
+    exempt: its clients are told apart by X-Forwarded-For) and close a
+    connection whose request is not all there within `request_timeout`
+    seconds, so idle or trickling sockets cannot take the server's
+    connections; Waitress's own idle timeout covers connections between
+    requests."""
+    server.channel_class = GuardedChannel
+    server.talk_guard = {
+        "lock": threading.Lock(), "open": {}, "limit": per_address, "exempt": set(exempt),
+    }
+    plain_maintenance = server.maintenance
+
+    def maintenance(now):
+        plain_maintenance(now)
+        cutoff = now - request_timeout
+        for channel in list(server.active_channels.values()):
+            if (
+                channel.request is not None
+                and not channel.requests  # not while it is being answered
+                and getattr(channel, "request_started", now) < cutoff
+            ):
+                channel.will_close = True
+
+    server.maintenance = maintenance
+    server.adj.cleanup_interval = min(server.adj.cleanup_interval, max(request_timeout / 4, 0.05))
+    return server
+
+
 def tune_memory():
     """Give scrypt's 16 MiB buffers back to the system after each hash.
 
@@ -8940,9 +9399,11 @@ def tune_memory():
 
 
 def create_server(
-    app, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS, trusted_proxy=None
+    app, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS, trusted_proxy=None,
+    per_address=CONNECTIONS_PER_ADDRESS, request_timeout=REQUEST_TIMEOUT,
 ):
-    """A Waitress server set up for long-polls.
+    """A Waitress server set up for long-polls, guarded against clients that
+    hoard connections (guard_server).
 
     Behind a reverse proxy at `trusted_proxy` (an address, or "*"), the
     client's address comes from the proxy's X-Forwarded-For, so password
@@ -8957,7 +9418,7 @@ def create_server(
             "trusted_proxy_headers": {"x-forwarded-for", "x-forwarded-proto"},
             "trusted_proxy_count": 1,
         }
-    return waitress.create_server(
+    server = waitress.create_server(
         app,
         host=host,
         port=port,
@@ -8974,6 +9435,9 @@ def create_server(
         clear_untrusted_proxy_headers=True,
         **proxy,
     )
+    if trusted_proxy == "*":  # every client comes through the proxy
+        per_address = 10**9
+    return guard_server(server, per_address, request_timeout, exempt=[trusted_proxy or ""])
 
 
 def close_listener(server):
@@ -9007,7 +9471,10 @@ class ServedURL(str):
 
 
 @contextlib.contextmanager
-def serve_in_thread(db_path, host="127.0.0.1", threads=16, trusted_proxy=None, **options):
+def serve_in_thread(
+    db_path, host="127.0.0.1", threads=16, trusted_proxy=None,
+    per_address=CONNECTIONS_PER_ADDRESS, request_timeout=REQUEST_TIMEOUT, **options,
+):
     """Serve a fresh app on a free loopback port in a background thread.
 
     Yields the base URL (``http://127.0.0.1:PORT``, a str whose `.app` is the
@@ -9017,7 +9484,10 @@ def serve_in_thread(db_path, host="127.0.0.1", threads=16, trusted_proxy=None, *
     """
     options.setdefault("threads", threads)
     app = make_app(db_path, **options)
-    server = create_server(app, host=host, port=0, threads=threads, trusted_proxy=trusted_proxy)
+    server = create_server(
+        app, host=host, port=0, threads=threads, trusted_proxy=trusted_proxy,
+        per_address=per_address, request_timeout=request_timeout,
+    )
     thread = threading.Thread(target=server.run, name="talk-server", daemon=True)
     thread.start()
     url = ServedURL(f"http://{host}:{server.effective_port}")
@@ -9090,6 +9560,18 @@ def parse_args(argv):
     )
     serve.add_argument("--turn-server", default=env("TALK_TURN_SERVER", ""), help="host:port (TALK_TURN_SERVER)")
     serve.add_argument("--turn-secret", default=env("TALK_TURN_SECRET", ""), help="coturn static-auth-secret (TALK_TURN_SECRET)")
+    serve.add_argument(
+        "--chat-per-minute",
+        type=int,
+        default=int(env("TALK_CHAT_PER_MINUTE", CHAT_PER_MINUTE)),
+        help="chat messages one session may send a minute (TALK_CHAT_PER_MINUTE)",
+    )
+    serve.add_argument(
+        "--signaling-per-minute",
+        type=int,
+        default=int(env("TALK_SIGNALING_PER_MINUTE", SIGNALING_PER_MINUTE)),
+        help="signaling messages one session may send a minute (TALK_SIGNALING_PER_MINUTE)",
+    )
     serve.add_argument(
         "--trusted-proxy",
         default=env("TALK_TRUSTED_PROXY", ""),
@@ -9213,6 +9695,8 @@ def ensure_user(db, user_id, password, display_name="", admin=False) -> None:
 
 def run_user_command(args, database):
     action = args.action
+    if CONTROL_CHARACTERS.search(getattr(args, "display_name", "") or ""):
+        die("the display name must not contain control characters")
     if action == "list":
         with database.read() as db:
             for row in list_users(db):
@@ -9417,8 +9901,14 @@ def run_bot_command(args, database):
 def run_backup(args):
     """Copy the database with SQLite's online backup: consistent while serving."""
     destination = Path(args.destination)
-    if destination.exists():
+    try:
+        # Created here, by the owner for the owner: a backup holds what the
+        # database does (exclusive creation also keeps an existing file).
+        os.close(os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
         die(f"{destination} exists; choose a new file")
+    except OSError as error:
+        die(f"cannot create {destination}: {error}")
     database = open_db(args.db)
     try:
         target = sqlite3.connect(str(destination))
@@ -9438,8 +9928,21 @@ def bootstrap_accounts(database, demo) -> list[str]:
     with database.read() as db:
         empty = count_users(db) == 0
     if admin_password:
+        # Only ever creates the account: a password or group an administrator
+        # changed later is not undone at the next start (issue 14).
         with database.write() as db:
-            ensure_user(db, admin_user, admin_password, admin=True)
+            exists = get_user(db, admin_user) is not None
+            if not exists:
+                ensure_user(db, admin_user, admin_password, admin=True)
+        if exists:
+            lines.append(
+                f"TALK_ADMIN_PASSWORD: user {admin_user!r} exists; its password and groups "
+                "are left as they are (talk-server user passwd changes the password)"
+            )
+        else:
+            lines.append(
+                f"created administrator {admin_user!r} with the password from TALK_ADMIN_PASSWORD"
+            )
     elif empty:
         admin_password = secrets.token_urlsafe(12)
         with database.write() as db:
@@ -9476,6 +9979,8 @@ def run_serve(args):
             stun_servers=stun,
             turn_server=args.turn_server,
             turn_secret=args.turn_secret,
+            chat_per_minute=max(1, args.chat_per_minute),
+            signaling_per_minute=max(1, args.signaling_per_minute),
             public_url=args.public_url,
         )
     except (sqlite3.Error, RuntimeError, OSError) as error:

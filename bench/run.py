@@ -272,6 +272,11 @@ class Bench:
             str(port),
             "--threads",
             str(threads),
+            # The load is one sender at thousands of messages a minute.
+            "--chat-per-minute",
+            "100000000",
+            "--signaling-per-minute",
+            "100000000",
         ]
         env = clean_env(PYTHONPATH=str(self.server.parent))
         env.pop("PYTHONDONTWRITEBYTECODE", None)

@@ -25,6 +25,7 @@
 
   const API = '/ocs/v2.php/apps/spreed/api/v1';
   const CLOUD = '/ocs/v2.php/cloud';
+  const CORE = '/ocs/v2.php/core';
   const CHAT_WAIT_S = 30; // the server holds a chat poll this long at most
   const POLL_GRACE_MS = 20000; // a poll silent this much past its wait is dead
   const REQUEST_TIMEOUT_MS = 20000;
@@ -267,7 +268,7 @@
   // -------------------------------------------------------------------------
 
   const state = {
-    auth: null, // {user, password} of a signed-in user; stored in sessionStorage only
+    auth: null, // {user, password: an app password} of a signed-in user; in sessionStorage only
     me: null, // {id, displayName} for a user, {guest: true} for a guest
     rooms: new Map(), // token -> room object of GET /room
     known: new Map(), // token -> number of messages counted in that room
@@ -297,14 +298,28 @@
     },
   };
 
+  /**
+   * Sign in with the login password, then trade it for an app password: only
+   * that one is kept (in sessionStorage), and signing out revokes it, so the
+   * user's password never stays in the browser.
+   */
   async function signIn(user, password) {
-    const { data } = await api('GET', '/user', null, { base: CLOUD, auth: { user, password } });
-    state.auth = { user, password };
-    state.me = { id: data.id || user, displayName: data['display-name'] || data.id || user };
-    sessionStorage.setItem(AUTH_KEY, JSON.stringify({ user, password }));
+    const auth = { user, password };
+    await api('GET', '/user', null, { base: CLOUD, auth });
+    const { data } = await api('GET', '/getapppassword', null, { base: CORE, auth });
+    await resume({ user, password: data.apppassword });
+  }
+
+  /** Continue with an app password from signIn (or from sessionStorage after a reload). */
+  async function resume(auth) {
+    const { data } = await api('GET', '/user', null, { base: CLOUD, auth });
+    state.auth = auth;
+    state.me = { id: data.id || auth.user, displayName: data['display-name'] || data.id || auth.user };
+    sessionStorage.setItem(AUTH_KEY, JSON.stringify(auth));
   }
 
   function signOut(message) {
+    if (state.auth) api('DELETE', '/apppassword', null, { base: CORE }).catch(() => {});
     closeRoom();
     clearTimeout(state.roomsTimer);
     state.roomsRunning = false;
@@ -722,6 +737,7 @@
   /** The room went away for us (deleted, or we were removed). */
   function roomGone(rs, message) {
     if (state.room !== rs) return;
+    if (rs.deleting) message = 'The conversation was deleted.';
     const guest = state.me && state.me.guest;
     closeRoom();
     if (guest) {
@@ -1346,11 +1362,15 @@
         if (!rs) return;
         try {
           if (rs.inCall) leaveCall(rs, { tellServer: false });
+          // Our own polls see the room go (404) and may answer before the
+          // DELETE does: they must tell us it was deleted, not that we left.
+          rs.deleting = true;
           await api('DELETE', `/room/${rs.token}`);
           $('settings-dialog').close();
           rs.sessionId = null;
           roomGone(rs, 'The conversation was deleted.');
         } catch (error) {
+          rs.deleting = false;
           setText('settings-error', error.message);
         }
       }),
@@ -1773,7 +1793,7 @@
     if (saved) {
       try {
         const { user, password } = JSON.parse(saved);
-        await retrying(() => signIn(user, password));
+        await retrying(() => resume({ user, password }));
       } catch (error) {
         sessionStorage.removeItem(AUTH_KEY);
         state.auth = null;

@@ -2,6 +2,7 @@
 
 import http.cookiejar
 import re
+import time
 import urllib.parse
 import urllib.request
 
@@ -133,3 +134,12 @@ def grant_in_browser(login_url, user, password):
     )
     assert "Access granted" in done.read().decode()
     return grant
+
+
+def wait_until(condition, limit=30.0, what="the condition"):
+    """Wait for a state the server reaches by itself (a poll waiting, say):
+    polls `condition`; fails only if it never holds (a broken server)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} never held"
+        time.sleep(0.002)

@@ -209,7 +209,9 @@ def join(client, token):
 
 
 @pytest.fixture
-def world(app, alice, bob, carol, dave, guest, other_guest, anonymous, wrong_password, make_client):
+def world(
+    app, clock, alice, bob, carol, dave, guest, other_guest, anonymous, wrong_password, make_client
+):
     for user_id in ("erin", "frank", "grace", "henry"):
         alice.post(
             "/users",
@@ -259,7 +261,10 @@ def world(app, alice, bob, carol, dave, guest, other_guest, anonymous, wrong_pas
         for row in alice.get(f"/room/{a}/participants").data
     }
     assert types == {"alice": 1, "bob": 2, "henry": 2, "carol": 3, "erin": 3, "dave": 5, "guest": 4}
-    return {"app": app, "A": a, "B": b, "guest_session": sessions["guest"], "clients": clients}
+    return {
+        "app": app, "clock": clock, "A": a, "B": b, "guest_session": sessions["guest"],
+        "clients": clients,
+    }
 
 
 def snapshot(app):
@@ -351,6 +356,22 @@ def check_leave(w, actor):
     return row is None  # guests and type 5 lose their row (or never had one)
 
 
+def touched(w, actor):
+    """The caller was seen just now (SPEC 2: pings and signaling refresh
+    lastPing): its most recently seen row carries the clock's time."""
+    client = w["clients"][actor]
+    user_id, guest_id = USER_OF.get(actor), None
+    if user_id is None:
+        cookie = client.test.cookies.get(talk_server.GUEST_COOKIE)
+        guest_id = cookie and hashlib.sha256(cookie.encode()).hexdigest()
+    with w["app"].talk.db.read() as db:
+        seen = db.execute(
+            "SELECT MAX(last_ping) FROM participants WHERE user_id = ? OR guest_id = ?",
+            (user_id, guest_id),
+        ).fetchone()[0]
+    return seen == w["clock"]()
+
+
 def check_in_call(w, actor, in_call):
     row = actor_row(w, actor)
     return row is None or bool(row["in_call"]) is in_call
@@ -376,7 +397,12 @@ EFFECTS = {
     ("DELETE", "/room/{A}/participants/active"): check_leave,
     ("POST", "/room/{A}/moderators"): lambda w, a: type_of(w, "carol") == 2,
     ("DELETE", "/room/{A}/moderators"): lambda w, a: type_of(w, "henry") == 3,
-    ("POST", "/call/{A}"): lambda w, a: check_in_call(w, a, True),
+    ("POST", "/call/{A}"): lambda w, a: check_in_call(w, a, True) and touched(w, a),
+    ("POST", "/call/{A}/ping"): touched,
+    ("POST", "/signaling"): touched,
+    ("GET", "/signaling"): touched,
+    ("POST", "/signaling/{A}"): touched,
+    ("GET", "/signaling/{A}"): touched,
     ("DELETE", "/call/{A}"): lambda w, a: check_in_call(w, a, False),
     ("POST", "/chat/{A}"): lambda w, a: w["response"].data["message"] == "Hello",
     ("POST", "/users"): lambda w, a: user_row(w, "newbie") is not None,
@@ -406,6 +432,9 @@ def test_who_may_call_what(world, method, prefix, path, params, actor, expected)
     app, client = world["app"], world["clients"][actor]
     url = fill(path, world)
     params = {key: fill(value, world) for key, value in (params or {}).items()}
+    # The clock moves (within the 30 s active window), so a refresh of lastPing
+    # shows as a change: with a frozen clock a ping did nothing visible.
+    world["clock"].advance(7)
     before = snapshot(app)
 
     response = client.request(method, url, params, status=expected, prefix=prefix)
@@ -417,7 +446,8 @@ def test_who_may_call_what(world, method, prefix, path, params, actor, expected)
     if expected >= 400:
         assert meta["message"] and meta["message"] != "OK"
     after = snapshot(app)
-    if expected >= 400 or method == "GET":
+    refreshes = method == "GET" and path.startswith("/signaling") and path != "/signaling/settings"
+    if expected >= 400 or (method == "GET" and not refreshes):
         # A refused call changes nothing; a read changes nothing either.
         assert after == before
     else:
@@ -446,8 +476,10 @@ def test_401_is_http_401_with_statuscode_997_on_v1_and_v2(world, version, actor)
     for n, (method, prefix, path, params, statuses) in enumerate(TABLE):
         if statuses[ACTORS.index(actor)] != 401:
             continue
-        # A new address per call: five failures from one address are 429.
+        # A new address per call: five failures from one address are 429; and
+        # a fresh throttle, as twenty for one user name are too.
         client.test.extra_environ = {"REMOTE_ADDR": f"10.0.{n}.1"}
+        world["app"].talk.throttle = talk_server.Throttle()
         prefix = prefix.replace("/ocs/v2.php", f"/ocs/{version}.php")
         params = {key: fill(value, world) for key, value in (params or {}).items()}
         response = client.request(method, fill(path, world), params, status=401, prefix=prefix)

@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 from conftest import API, PASSWORD, START
 from helpers import group_room_with as group_room
-from helpers import join
+from helpers import join, wait_until
 from helpers import public_room_with as public_room
 
 import talk_server
@@ -99,10 +99,32 @@ def background():
     assert not any(waiting.thread.is_alive() for waiting in started)
 
 
-def timed(fn):
-    start = time.monotonic()
-    value = fn()
-    return value, time.monotonic() - start
+@pytest.fixture
+def frozen(app):
+    """Long-polls that never time out by themselves: the notifier's clock
+    stands still, so a waiting receive answers only when something wakes it."""
+    app.talk.notifier.monotonic = lambda: 0.0
+    return app.talk.notifier
+
+
+@pytest.fixture
+def asked(app):
+    """The waits receives ask the notifier for, in seconds; each times out at
+    once (the clock stands still, so the seconds are exactly the timeout)."""
+    seconds = []
+    app.talk.notifier.monotonic = lambda: 0.0
+
+    def wait(waiter, wait_seconds, cancelled=None):
+        seconds.append(wait_seconds)
+        return False
+
+    app.talk.notifier.wait = wait
+    return seconds
+
+
+def waiting(notifier, count=1):
+    """Until `count` receives wait (so a send or a delete comes after they look)."""
+    wait_until(lambda: notifier.waiting >= count, what=f"{count} waiting receives")
 
 
 # --- POST /chat/{token}: Sending a new chat message -------------------------------
@@ -352,20 +374,18 @@ def test_receive_answers_newest_first(alice, bob, clock):
     assert [m["timestamp"] for m in received] == [START + 3, START + 2, START + 1, START]
 
 
-def test_receive_from_an_empty_room_with_timeout_0_is_empty_at_once(alice):
+def test_receive_from_an_empty_room_with_timeout_0_is_empty_at_once(alice, asked):
     token = group_room(alice)
-    data, elapsed = timed(lambda: receive(alice, token, timeout=0))
-    assert data == []
-    assert elapsed < 0.25  # the default wait would be 0.3 s
+    assert receive(alice, token, timeout=0) == []
+    assert asked == []  # no wait at all
 
 
-def test_timeout_0_answers_at_once_with_what_there_is(alice):
+def test_timeout_0_answers_at_once_with_what_there_is(alice, asked):
     token = group_room(alice)
     send(alice, token, "one")
     send(alice, token, "two")
-    data, elapsed = timed(lambda: receive(alice, token, timeout=0))
-    assert texts(data) == ["two", "one"]
-    assert elapsed < 0.25  # the default wait would be 0.3 s
+    assert texts(receive(alice, token, timeout=0)) == ["two", "one"]
+    assert asked == []
 
 
 def test_offset_skips_the_oldest_messages(alice):
@@ -422,59 +442,75 @@ def test_non_integer_or_negative_receive_parameters_are_400(alice, name, value):
     alice.get(f"/chat/{token}", {"timeout": 0, name: value}, status=400)
 
 
-def test_receive_without_timeout_waits_the_default_30_seconds(alice):
+def test_receive_without_timeout_waits_the_default_30_seconds(alice, asked):
     token = group_room(alice)
-    data, elapsed = timed(lambda: alice.get(f"/chat/{token}", status=200).data)
-    assert data == []
-    assert 30 * SCALE * 0.8 <= elapsed < 2
+    assert alice.get(f"/chat/{token}", status=200).data == []
+    assert asked == pytest.approx([30])
 
 
-def test_receive_times_out_with_an_empty_list(alice):
+def test_receive_times_out_with_an_empty_list(alice, asked):
     token = group_room(alice)
     send(alice, token, "already read")
-    data, elapsed = timed(lambda: receive(alice, token, offset=1, timeout=20))
-    assert data == []
-    assert 20 * SCALE * 0.8 <= elapsed < 2
+    assert receive(alice, token, offset=1, timeout=20) == []
+    assert asked == pytest.approx([20])
 
 
-def test_timeout_is_capped_at_60_seconds(alice):
+def test_timeout_is_capped_at_60_seconds(alice, asked):
     token = group_room(alice)
-    data, elapsed = timed(lambda: receive(alice, token, timeout=600))
-    assert data == []
-    # 600 s would be 6 s at this scale; the cap makes it 60 s, i.e. 0.6 s.
-    assert 0.5 <= elapsed < 2
+    assert receive(alice, token, timeout=600) == []
+    assert receive(alice, token, timeout=60) == []
+    assert receive(alice, token, timeout=59) == []
+    assert asked == pytest.approx([60, 60, 59])
 
 
-# A waiting receive with timeout=60 waits 0.6 s at this scale, counted from
-# after its thread started; one woken 0.1 s in by a send or a deletion is done
-# well before that.
-WOKEN_WITHIN = 0.5
-
-
-def test_waiting_receive_is_woken_by_a_send(background, make_client, alice):
+def test_a_waiting_receive_runs_no_sql_until_woken(app, background, make_client, alice, frozen):
+    """SPEC 6: woken by the send, never a sleep loop over the database. The
+    receive's thread runs no statement at all while it waits."""
     token = group_room(alice)
     receiver = make_client("alice")
-    waiting = background(lambda: receive(receiver, token, timeout=60))
-    time.sleep(0.1)
+    receiver.get("/room")  # credentials checked and cached before the poll
+    statements = []
+    poll = background(lambda: receive(receiver, token, timeout=60))
+    waiting(frozen)
+    app.talk.db.on_sql = lambda sql: statements.append((threading.current_thread(), sql))
+    # Time for a polling loop to show itself; a correct receive just sleeps.
+    frozen_until = time.monotonic() + 1.5
+    while time.monotonic() < frozen_until:
+        time.sleep(0.05)
+    assert [sql for thread, sql in statements if thread is poll.thread] == []
     sent = send(make_client("alice"), token, "wake up")
-    assert waiting.result() == [sent]
-    assert waiting.elapsed < WOKEN_WITHIN  # woken by the send, not by its timeout
+    assert poll.result() == [sent]
 
 
-def test_waiting_receive_with_offset_gets_only_the_new_message(background, make_client, alice, bob):
+# The tests of waiting receives freeze the notifier's clock (`frozen`): a
+# receive then answers only when woken, so its answer proves the wake-up, and
+# each waits until the receive waits (`waiting`) before it acts.
+
+
+def test_waiting_receive_is_woken_by_a_send(background, make_client, alice, frozen):
+    token = group_room(alice)
+    receiver = make_client("alice")
+    poll = background(lambda: receive(receiver, token, timeout=60))
+    waiting(frozen)
+    sent = send(make_client("alice"), token, "wake up")
+    assert poll.result() == [sent]  # its own timeout never comes: the send woke it
+
+
+def test_waiting_receive_with_offset_gets_only_the_new_message(
+    background, make_client, alice, bob, frozen
+):
     token = group_room(alice, bob)
     send(alice, token, "one")
     send(alice, token, "two")
     receiver = make_client("bob")
-    waiting = background(lambda: receive(receiver, token, offset=2, timeout=60))
-    time.sleep(0.1)
+    poll = background(lambda: receive(receiver, token, offset=2, timeout=60))
+    waiting(frozen)
     sent = send(make_client("alice"), token, "three")
-    assert waiting.result() == [sent]
-    assert waiting.elapsed < WOKEN_WITHIN
+    assert poll.result() == [sent]
 
 
 def test_waiting_guest_is_woken_by_a_user_and_every_waiter_by_one_send(
-    background, make_client, alice, guest, other_guest
+    background, make_client, alice, guest, other_guest, frozen
 ):
     token = public_room(alice)
     join(guest, token)
@@ -483,83 +519,92 @@ def test_waiting_guest_is_woken_by_a_user_and_every_waiter_by_one_send(
         background(lambda client=client: receive(client, token, timeout=60))
         for client in (guest, other_guest, make_client("alice"))
     ]
-    time.sleep(0.1)
+    waiting(frozen, 3)
     sent = send(make_client("alice"), token, "everyone")
-    for waiting in waiters:
-        assert waiting.result() == [sent]
-        assert waiting.elapsed < WOKEN_WITHIN
+    for poll in waiters:
+        assert poll.result() == [sent]
 
 
-def test_waiting_user_is_woken_by_a_guest(background, make_client, alice, guest):
+def test_waiting_user_is_woken_by_a_guest(background, make_client, alice, guest, frozen):
     token = public_room(alice)
     join(guest, token)
     receiver = make_client("alice")
-    waiting = background(lambda: receive(receiver, token, timeout=60))
-    time.sleep(0.1)
+    poll = background(lambda: receive(receiver, token, timeout=60))
+    waiting(frozen)
     sent = send(guest, token, "hello from a guest")
-    assert waiting.result() == [sent]
-    assert waiting.elapsed < WOKEN_WITHIN
+    assert poll.result() == [sent]
 
 
-def test_waiting_receive_ignores_a_message_the_filter_drops(background, make_client, alice, clock):
+def test_waiting_receive_ignores_a_message_the_filter_drops(
+    app, background, make_client, alice, clock, frozen
+):
     token = group_room(alice)
     receiver = make_client("alice")
     since = clock.now
-    waiting = background(lambda: receive(receiver, token, notOlderThanTimestamp=since, timeout=60))
-    time.sleep(0.1)
+    waits = []
+    plain_wait = frozen.wait
+    frozen.wait = lambda *args, **kw: (waits.append(1), plain_wait(*args, **kw))[1]
+    poll = background(lambda: receive(receiver, token, notOlderThanTimestamp=since, timeout=60))
+    wait_until(lambda: frozen.waiting == 1)
     send(make_client("alice"), token, "same second: not newer than the filter")
-    assert waiting.result() == []
-    assert waiting.elapsed >= 0.5  # went on waiting after the wake-up
+    wait_until(lambda: len(waits) == 2 and frozen.waiting == 1, what="waiting again")
+    assert poll.thread.is_alive()  # woken, nothing for it, waiting on
+    frozen.monotonic = lambda: 10.0**9  # now its timeout passes
+    assert poll.result() == []
 
 
-def test_waiting_receive_gets_a_burst_of_sends_in_order(background, make_client, alice, bob):
+def test_waiting_receive_gets_a_burst_of_sends_in_order(
+    background, make_client, alice, bob, frozen
+):
     token = group_room(alice, bob)
     send(alice, token, "seen")
     receiver = make_client("bob")
-    waiting = background(lambda: receive(receiver, token, offset=1, timeout=60))
-    time.sleep(0.1)
+    poll = background(lambda: receive(receiver, token, offset=1, timeout=60))
+    waiting(frozen)
     sender = make_client("alice")
     burst = [send(sender, token, f"burst {n}") for n in range(5)]
-    answer = waiting.result()
+    answer = poll.result()
     assert answer  # whatever part of the burst it was woken for, newest first, no gaps
     assert answer == list(reversed(burst[: len(answer)]))
 
 
 def test_member_removed_while_waiting_is_not_handed_the_next_message(
-    background, make_client, alice, bob, carol
+    background, make_client, alice, bob, carol, frozen
 ):
     """A send's news is only used by waiters whose access nothing changed."""
     token = group_room(alice, bob, carol)
     send(alice, token, "seen")  # so the waiter knows which seq comes next
     receiver = make_client("carol")
-    waiting = background(
+    poll = background(
         lambda: receiver.get(f"/chat/{token}", {"offset": 1, "timeout": 60}, status=404)
     )
-    time.sleep(0.1)
+    waiting(frozen)
     moderator = make_client("alice")
     moderator.delete(f"/room/{token}/participants", {"participant": "carol"}, status=200)
     send(moderator, token, "not for carol")
-    assert waiting.result().meta["statuscode"] == 404
+    assert poll.result().meta["statuscode"] == 404
 
 
-def test_waiting_receive_is_404_when_the_room_is_deleted(background, make_client, alice, bob):
+def test_waiting_receive_is_404_when_the_room_is_deleted(
+    background, make_client, alice, bob, frozen
+):
     token = group_room(alice, bob)
     receiver = make_client("bob")
-    waiting = background(lambda: receiver.get(f"/chat/{token}", {"timeout": 60}, status=404))
-    time.sleep(0.1)
+    poll = background(lambda: receiver.get(f"/chat/{token}", {"timeout": 60}, status=404))
+    waiting(frozen)  # the delete comes after the receive looked
     make_client("alice").delete(f"/room/{token}", status=200)
-    assert waiting.result().meta["statuscode"] == 404
-    assert waiting.elapsed < WOKEN_WITHIN
+    assert poll.result().meta["statuscode"] == 404
 
 
-def test_waiting_guest_is_404_when_the_room_is_deleted(background, make_client, alice, guest):
+def test_waiting_guest_is_404_when_the_room_is_deleted(
+    background, make_client, alice, guest, frozen
+):
     token = public_room(alice)
     join(guest, token)
-    waiting = background(lambda: guest.get(f"/chat/{token}", {"timeout": 60}, status=404))
-    time.sleep(0.1)
+    poll = background(lambda: guest.get(f"/chat/{token}", {"timeout": 60}, status=404))
+    waiting(frozen)
     make_client("alice").delete(f"/room/{token}", status=200)
-    waiting.result()
-    assert waiting.elapsed < WOKEN_WITHIN
+    assert poll.result().meta["statuscode"] == 404
 
 
 # --- Cost: receiving does not scan the history ---------------------------------------
@@ -708,16 +753,14 @@ def http_room(base):
 @pytest.mark.slow
 def test_real_http_waiting_receive_is_woken_by_a_send(background, served_db):
     with talk_server.serve_in_thread(served_db, threads=8, reserve=2, time_scale=1.0) as base:
+        notifier = base.app.talk.notifier
+        notifier.monotonic = lambda: 0.0  # a poll ends only when woken
         token = http_room(base)
-        waiting = background(lambda: http(base, "GET", f"/chat/{token}", "bob", {"timeout": 30}))
-        time.sleep(0.5)
+        poll = background(lambda: http(base, "GET", f"/chat/{token}", "bob", {"timeout": 30}))
+        waiting(notifier)
         status, sent = http(base, "POST", f"/chat/{token}", "alice", {"message": "over HTTP"})
-        sent_at = time.monotonic()
         assert status == 201
-        status, data = waiting.result(timeout=40)
-        assert status == 200
-        assert data == [sent]
-        assert waiting.finished - sent_at < 1.0  # the poll itself would wait 30 s
+        assert poll.result(timeout=40) == (200, [sent])
 
 
 @pytest.mark.slow
@@ -725,23 +768,20 @@ def test_real_http_receive_over_the_waiting_budget_is_held_without_a_thread(back
     """threads=4, reserve=2: two polls may wait; a third is held back (no thread,
     no answer) until one of them ends, while a send is still served at once."""
     with talk_server.serve_in_thread(served_db, threads=4, reserve=2, time_scale=1.0) as base:
+        notifier = base.app.talk.notifier
+        notifier.monotonic = lambda: 0.0  # polls end only when woken
         token = http_room(base)
-        waiting = []
-        for _ in range(3):
-            waiting.append(
-                background(lambda: http(base, "GET", f"/chat/{token}", "bob", {"timeout": 10}))
-            )
-            time.sleep(0.2)
-        time.sleep(0.5)
-        assert all(w.finished is None for w in waiting), "nobody answers before a message"
-        (status, sent), elapsed = timed(
-            lambda: http(base, "POST", f"/chat/{token}", "alice", {"message": "now"})
-        )
+        polls = [
+            background(lambda: http(base, "GET", f"/chat/{token}", "bob", {"timeout": 10}))
+            for _ in range(3)
+        ]
+        waiting(notifier, 2)  # two wait; the third is held, costing no thread
+        assert all(p.finished is None for p in polls), "nobody answers before a message"
+        # Served by the reserve while both slots wait (else this would hang).
+        status, sent = http(base, "POST", f"/chat/{token}", "alice", {"message": "now"})
         assert status == 201
-        assert elapsed < 1.0, f"the send took {elapsed:.2f} s"
-        for w in waiting:  # the two waiting, then the held one once a slot is free
-            assert w.result(timeout=15) == (200, [sent])
-            assert w.elapsed < 5
+        for p in polls:  # the two waiting, then the held one once a slot is free
+            assert p.result(timeout=30) == (200, [sent])
 
 
 @pytest.mark.slow
@@ -758,16 +798,15 @@ def test_real_http_send_is_prompt_with_more_waiting_receivers_than_threads(backg
         return []
 
     with talk_server.serve_in_thread(served_db, threads=8, reserve=2, time_scale=1.0) as base:
+        notifier = base.app.talk.notifier
+        notifier.monotonic = lambda: 0.0  # polls end only when woken
         token = http_room(base)
         polls = [[] for _ in range(receivers)]
-        waiting = [background(lambda p=p: poll_until_message(base, token, p)) for p in polls]
-        time.sleep(0.5)  # all twelve are in: six wait, six are held back without a thread
-        (status, sent), elapsed = timed(
-            lambda: http(base, "POST", f"/chat/{token}", "alice", {"message": "to all"})
-        )
-        assert status == 201
-        assert elapsed < 1.0, f"the send took {elapsed:.2f} s"
-        results = [w.result(timeout=30) for w in waiting]
+        pollers = [background(lambda p=p: poll_until_message(base, token, p)) for p in polls]
+        waiting(notifier, 6)  # six wait, six are held back without a thread
+        status, sent = http(base, "POST", f"/chat/{token}", "alice", {"message": "to all"})
+        assert status == 201  # served by the reserve
+        results = [p.result(timeout=30) for p in pollers]
         assert results == [[sent]] * receivers
         assert max(len(p) for p in polls) == 1, f"a receiver had to poll again: {polls}"
 

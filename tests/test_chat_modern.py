@@ -856,11 +856,12 @@ def test_android_chat_sequence_over_real_http(served):
 
 @pytest.mark.slow
 def test_nc_py_api_chat_reactions_and_polls(served):
-    nc_py_api = pytest.importorskip("nc_py_api")
+    import nc_py_api
     alice = nc_py_api.Nextcloud(nextcloud_url=served, nc_auth_user="alice", nc_auth_pass=PASSWORD)
     bob = nc_py_api.Nextcloud(nextcloud_url=served, nc_auth_user="bob", nc_auth_pass=PASSWORD)
     with served.app.talk.db.write() as db:
         talk_server.create_group(db, "team")
+        talk_server.add_to_group(db, "team", "alice")  # a room from a group needs membership
         talk_server.add_to_group(db, "team", "bob")
     conversation = alice.talk.create_conversation(2, "team", room_name="Team")
     hello = alice.talk.send_message("Hello @bob", conversation)

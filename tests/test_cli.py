@@ -321,24 +321,34 @@ def test_admin_user_name_from_environment(database, monkeypatch):
         assert talk_server.get_user(conn, "admin") is None
 
 
-def test_admin_password_from_environment_resets_it(database, monkeypatch):
+def test_admin_password_from_environment_does_not_undo_later_changes(database, monkeypatch):
+    """Issue 14: the variable creates the account once; a password changed
+    and a group left afterwards stay so at the next start, which says so."""
     monkeypatch.delenv("TALK_ADMIN_USER", raising=False)
     monkeypatch.setenv("TALK_ADMIN_PASSWORD", "first")
-    talk_server.bootstrap_accounts(database, demo=False)
+    (line,) = talk_server.bootstrap_accounts(database, demo=False)
+    assert "created administrator 'admin'" in line and "first" not in line
+    with database.write() as conn:
+        talk_server.set_password_hash(conn, "admin", talk_server.hash_password("changed"))
+        talk_server.create_user(conn, "root", talk_server.hash_password("x"), "Root")
+        talk_server.add_to_group(conn, "admin", "root")
+        talk_server.remove_from_group(conn, "admin", "admin")
     monkeypatch.setenv("TALK_ADMIN_PASSWORD", "second")
-    talk_server.bootstrap_accounts(database, demo=False)
-    assert password_ok(database, "admin", "second")
-    assert not password_ok(database, "admin", "first")
+    (line,) = talk_server.bootstrap_accounts(database, demo=False)
+    assert "exists" in line and "left as they are" in line
+    assert password_ok(database, "admin", "changed")
+    assert not password_ok(database, "admin", "second")
+    assert not is_admin(database, "admin")
 
 
-def test_admin_password_makes_an_existing_user_admin(database, monkeypatch):
+def test_admin_password_leaves_an_existing_user_alone(database, monkeypatch):
     with database.write() as conn:
         talk_server.create_user(conn, "admin", talk_server.hash_password("x"), "Boss")
     monkeypatch.setenv("TALK_ADMIN_PASSWORD", "chosen")
     monkeypatch.delenv("TALK_ADMIN_USER", raising=False)
     talk_server.bootstrap_accounts(database, demo=False)
-    assert is_admin(database, "admin")
-    assert password_ok(database, "admin", "chosen")
+    assert not is_admin(database, "admin")
+    assert password_ok(database, "admin", "x")
 
 
 def test_empty_database_without_password_gets_random_admin_once(database, monkeypatch):

@@ -205,12 +205,27 @@ def test_v2_bad_request(alice):
     assert response.meta["message"]
 
 
-def test_v1_success_is_http_200_statuscode_100(make_client):
-    alice = make_client("alice", prefix=API_V1)
-    response = alice.post("/room", {"roomType": 3, "roomName": "x"}, status=200)
+def test_v1_success_is_http_200_statuscode_100(make_client, alice):
+    token = alice.post("/room", {"roomType": 3, "roomName": "x"}, status=201).data["token"]
+    response = make_client("alice", prefix=API_V1).get(f"/room/{token}", status=200)
     assert response.meta == {
         "status": "ok",
         "statuscode": 100,
+        "message": "OK",
+        "totalitems": "",
+        "itemsperpage": "",
+    }
+    assert response.data["token"] == token
+
+
+def test_v1_created_keeps_statuscode_201_with_status_failure(make_client):
+    """Only a 200 becomes 100 on v1: Nextcloud's OCS v1 passes a 201 through,
+    and so calls it a failure (SPEC 1.3). The data is the created room."""
+    alice = make_client("alice", prefix=API_V1)
+    response = alice.post("/room", {"roomType": 3, "roomName": "x"}, status=200)
+    assert response.meta == {
+        "status": "failure",
+        "statuscode": 201,
         "message": "OK",
         "totalitems": "",
         "itemsperpage": "",

@@ -331,3 +331,38 @@ def test_migrated_version_1_database_matches_a_new_one(tmp_path, open_db):
     open_db(tmp_path / "old.db")
     open_db(tmp_path / "new.db")
     assert shape(tmp_path / "old.db") == shape(tmp_path / "new.db")
+
+
+def test_new_and_migrated_databases_use_incremental_vacuum(tmp_path, open_db):
+    """The file can shrink after deletions (issue 14): a new database from its
+    first page, an old one after the one VACUUM its migration runs."""
+    build_v1_database(tmp_path / "old.db")
+    for name in ("new.db", "old.db"):
+        open_db(tmp_path / name)
+        conn = raw(tmp_path / name)
+        try:
+            assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2, name
+        finally:
+            conn.close()
+    assert "PRAGMA auto_vacuum = INCREMENTAL;" in SCHEMA.read_text(encoding="utf-8")
+    assert "PRAGMA auto_vacuum = INCREMENTAL;" in talk_server.MIGRATIONS[0]
+
+
+@pytest.mark.parametrize("durability, level", [("full", 2), ("normal", 1)])
+def test_every_connection_syncs_as_its_durability_says(tmp_path, durability, level):
+    """FULL (2) syncs the WAL on every commit; NORMAL (1) may lose the last
+    commits on power loss; never OFF (0), which may corrupt the file."""
+    database = talk_server.Database(tmp_path / "talk.db", durability)
+    try:
+        with database.write() as db:
+            assert db.execute("PRAGMA synchronous").fetchone()[0] == level
+        with database.read() as db:
+            assert db.execute("PRAGMA synchronous").fetchone()[0] == level
+    finally:
+        database.close()
+    app = talk_server.make_app(tmp_path / "app.db")
+    try:
+        with app.talk.db.read() as db:
+            assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # the default is full
+    finally:
+        app.talk.close()
