@@ -110,7 +110,13 @@ CREATE TABLE rooms (
     avatar_type         TEXT NOT NULL DEFAULT '',
     avatar_color        TEXT NOT NULL DEFAULT '',
     avatar_version      INTEGER NOT NULL DEFAULT 0,
-    modified            INTEGER NOT NULL DEFAULT 0  -- last change of a setting (modifiedSince)
+    modified            INTEGER NOT NULL DEFAULT 0, -- last change of a setting (modifiedSince)
+    -- Chat counters, so that nothing counts messages: the last seq given, the
+    -- last 2018 seq given (comments), the Room's lastMessage, the newest timestamp.
+    last_seq            INTEGER NOT NULL DEFAULT 0,
+    last_legacy_seq     INTEGER NOT NULL DEFAULT 0,
+    last_message_id     INTEGER NOT NULL DEFAULT 0,
+    last_message_time   INTEGER NOT NULL DEFAULT 0
 );
 
 -- Conversation avatars: an uploaded image's bytes, apart from rooms, so
@@ -137,6 +143,12 @@ CREATE TABLE participants (
     last_read_message  INTEGER NOT NULL DEFAULT 0,
     guest_name         TEXT NOT NULL DEFAULT '',
     modified           INTEGER NOT NULL DEFAULT 0,  -- last change of this row (modifiedSince)
+    -- Read marker: the 2018 seq (comment count) at last_read_message, so the
+    -- unread count is rooms.last_legacy_seq - read_legacy_seq; the newest
+    -- message mentioning this attendee (direct: by name, not @all).
+    read_legacy_seq      INTEGER NOT NULL DEFAULT 0,
+    last_mention_message INTEGER NOT NULL DEFAULT 0,
+    last_mention_direct  INTEGER NOT NULL DEFAULT 0,
     CHECK ((user_id IS NULL) <> (guest_id IS NULL))
 );
 
@@ -160,20 +172,85 @@ CREATE TABLE sessions (
 
 CREATE INDEX sessions_by_participant ON sessions (participant_id, seq);
 
--- Chat: seq numbers a room's messages 1, 2, 3... so "skip the N oldest" is
--- a range lookup; timestamps never decrease within a room.
+-- Chat: seq numbers a room's messages 1, 2, 3...; legacy_seq numbers only the
+-- comments, the messages a 2018 client sees (NULL for system messages and
+-- polls), so the 2018 "skip the N oldest" stays a range lookup whatever else
+-- is interleaved. Timestamps never decrease within a room. Ids are never
+-- reused (AUTOINCREMENT): today's clients page by id, and messages expire.
+-- message_type is comment, comment_deleted or system (verb says which);
+-- parameters holds the rich objects (mentions, the actor of a system
+-- message); reactions the counts per emoji, kept with each change.
 CREATE TABLE messages (
-    id         INTEGER PRIMARY KEY,
-    room_id    INTEGER NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
-    seq        INTEGER NOT NULL,
-    actor_type TEXT NOT NULL,
-    actor_id   TEXT NOT NULL,
-    timestamp  INTEGER NOT NULL,
-    message    TEXT NOT NULL
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    room_id      INTEGER NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+    seq          INTEGER NOT NULL,
+    actor_type   TEXT NOT NULL,
+    actor_id     TEXT NOT NULL,
+    timestamp    INTEGER NOT NULL,
+    message      TEXT NOT NULL,
+    legacy_seq   INTEGER,
+    message_type TEXT NOT NULL DEFAULT 'comment',
+    verb         TEXT NOT NULL DEFAULT '',
+    parameters   TEXT NOT NULL DEFAULT '{}',
+    actor_name   TEXT NOT NULL DEFAULT '',
+    reference_id TEXT NOT NULL DEFAULT '',
+    parent_id    INTEGER NOT NULL DEFAULT 0,
+    silent       INTEGER NOT NULL DEFAULT 0,
+    reactions    TEXT NOT NULL DEFAULT '{}',
+    edit_actor_type TEXT NOT NULL DEFAULT '',
+    edit_actor_id   TEXT NOT NULL DEFAULT '',
+    edit_actor_name TEXT NOT NULL DEFAULT '',
+    edit_time       INTEGER NOT NULL DEFAULT 0,
+    expires      INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE UNIQUE INDEX messages_by_seq ON messages (room_id, seq);
-CREATE INDEX messages_by_time ON messages (room_id, timestamp);
+CREATE UNIQUE INDEX messages_by_legacy_seq ON messages (room_id, legacy_seq);
+CREATE INDEX messages_by_time ON messages (room_id, timestamp) WHERE legacy_seq IS NOT NULL;
+CREATE INDEX messages_by_room ON messages (room_id, id);
+CREATE INDEX messages_by_expiry ON messages (expires) WHERE expires > 0;
+
+-- Reactions: one row per message, emoji and actor.
+CREATE TABLE reactions (
+    message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    reaction   TEXT NOT NULL,
+    actor_type TEXT NOT NULL,
+    actor_id   TEXT NOT NULL,
+    actor_name TEXT NOT NULL DEFAULT '',
+    timestamp  INTEGER NOT NULL,
+    PRIMARY KEY (message_id, reaction, actor_type, actor_id)
+) WITHOUT ROWID;
+
+CREATE INDEX reactions_by_actor ON reactions (actor_type, actor_id, message_id);
+
+-- Polls: options as a JSON list, votes per option kept as counters; status 0
+-- open, 1 closed; result_mode 0 public, 1 hidden until closed.
+CREATE TABLE polls (
+    id          INTEGER PRIMARY KEY,
+    room_id     INTEGER NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+    question    TEXT NOT NULL,
+    options     TEXT NOT NULL,
+    votes       TEXT NOT NULL DEFAULT '{}',
+    num_voters  INTEGER NOT NULL DEFAULT 0,
+    actor_type  TEXT NOT NULL,
+    actor_id    TEXT NOT NULL,
+    actor_name  TEXT NOT NULL DEFAULT '',
+    status      INTEGER NOT NULL DEFAULT 0,
+    result_mode INTEGER NOT NULL DEFAULT 0,
+    max_votes   INTEGER NOT NULL DEFAULT 0,
+    created     INTEGER NOT NULL
+);
+
+CREATE INDEX polls_by_room ON polls (room_id);
+
+CREATE TABLE poll_votes (
+    poll_id    INTEGER NOT NULL REFERENCES polls (id) ON DELETE CASCADE,
+    actor_type TEXT NOT NULL,
+    actor_id   TEXT NOT NULL,
+    actor_name TEXT NOT NULL DEFAULT '',
+    option_id  INTEGER NOT NULL,
+    PRIMARY KEY (poll_id, actor_type, actor_id, option_id)
+) WITHOUT ROWID;
 
 -- Signaling: messages queued for a session until it polls them. They go with
 -- either session (SPEC 7) and expire after five minutes.

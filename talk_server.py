@@ -124,6 +124,18 @@ CHAT_DEFAULT_TIMEOUT = 30
 CHAT_MAX_TIMEOUT = 60
 MESSAGE_MAX = 32000
 CHAT_PAGE_MAX = 1000  # messages in one answer, the oldest after the offset
+# Today's chat (docs/chat.md)
+CHAT_LIMIT_DEFAULT, CHAT_LIMIT_MAX = 100, 200
+CONTEXT_LIMIT_DEFAULT, CONTEXT_LIMIT_MAX = 50, 100
+REFERENCE_ID_MAX = 64
+EDIT_MAX_AGE = 24 * 3600  # own messages may be edited for a day
+DELETE_MAX_AGE = 6 * 3600  # and deleted for six hours
+REACTION_MAX = 16  # characters of one reaction (an emoji with its modifiers)
+GUEST_NAME_MAX = 64
+MENTIONS_LIMIT_DEFAULT = 20
+POLL_PUBLIC, POLL_HIDDEN = 0, 1
+POLL_OPEN, POLL_CLOSED = 0, 1
+POLL_QUESTION_MAX, POLL_OPTION_MAX = 32000, 32000
 
 # Signaling
 SIGNALING_TIMEOUT = 30
@@ -155,6 +167,23 @@ FEATURES = FEATURES_2018 + [
     "locked-one-to-one-rooms",
     "force-mute",  # moderators' mute travels as a relayed signaling message
     "avatar",
+    # Today's chat (docs/chat.md, reaction.md, poll.md)
+    "chat-v2",
+    "system-messages",
+    "mention-flag",
+    "chat-read-marker",
+    "chat-read-last",
+    "chat-unread",
+    "chat-read-status",
+    "chat-reference-id",
+    "chat-replies",
+    "chat-get-context",
+    "silent-send",
+    "delete-messages",
+    "edit-messages",
+    "clear-history",
+    "reactions",
+    "talk-polls",
 ]
 # Today's apps refuse old servers: Android wants at least 17, Talk Desktop 27.
 NEXTCLOUD_VERSION = (31, 0, 0, 0)
@@ -400,7 +429,8 @@ SCHEMA_VERSION = 2
 # They run with foreign keys off (a table rebuild must not cascade), and are
 # frozen: a later schema.sql changes nothing here.
 MIGRATIONS: list[str] = [
-    # 2: sign-in for apps, today's conversations and several sessions per attendee.
+    # 2: sign-in for apps, today's conversations, several sessions per attendee
+    # and today's chat (system messages, replies, reactions, polls, read markers).
     """
     ALTER TABLE users ADD COLUMN email TEXT NOT NULL DEFAULT '';
     ALTER TABLE users ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1;
@@ -469,7 +499,11 @@ MIGRATIONS: list[str] = [
         avatar_type         TEXT NOT NULL DEFAULT '',
         avatar_color        TEXT NOT NULL DEFAULT '',
         avatar_version      INTEGER NOT NULL DEFAULT 0,
-        modified            INTEGER NOT NULL DEFAULT 0
+        modified            INTEGER NOT NULL DEFAULT 0,
+        last_seq            INTEGER NOT NULL DEFAULT 0,
+        last_legacy_seq     INTEGER NOT NULL DEFAULT 0,
+        last_message_id     INTEGER NOT NULL DEFAULT 0,
+        last_message_time   INTEGER NOT NULL DEFAULT 0
     );
     INSERT INTO rooms_v2 (id, token, type, name, password_hash, last_activity, created)
     SELECT id, token, type, name, password_hash, last_activity, last_activity FROM rooms;
@@ -486,6 +520,9 @@ MIGRATIONS: list[str] = [
     ALTER TABLE participants ADD COLUMN last_read_message INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE participants ADD COLUMN guest_name TEXT NOT NULL DEFAULT '';
     ALTER TABLE participants ADD COLUMN modified INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE participants ADD COLUMN read_legacy_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE participants ADD COLUMN last_mention_message INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE participants ADD COLUMN last_mention_direct INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE sessions_v2 (
         seq            INTEGER PRIMARY KEY,
         id             TEXT NOT NULL UNIQUE,
@@ -500,6 +537,78 @@ MIGRATIONS: list[str] = [
     DROP TABLE sessions;
     ALTER TABLE sessions_v2 RENAME TO sessions;
     CREATE INDEX sessions_by_participant ON sessions (participant_id, seq);
+    CREATE TABLE messages_v2 (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        room_id      INTEGER NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+        seq          INTEGER NOT NULL,
+        actor_type   TEXT NOT NULL,
+        actor_id     TEXT NOT NULL,
+        timestamp    INTEGER NOT NULL,
+        message      TEXT NOT NULL,
+        legacy_seq   INTEGER,
+        message_type TEXT NOT NULL DEFAULT 'comment',
+        verb         TEXT NOT NULL DEFAULT '',
+        parameters   TEXT NOT NULL DEFAULT '{}',
+        actor_name   TEXT NOT NULL DEFAULT '',
+        reference_id TEXT NOT NULL DEFAULT '',
+        parent_id    INTEGER NOT NULL DEFAULT 0,
+        silent       INTEGER NOT NULL DEFAULT 0,
+        reactions    TEXT NOT NULL DEFAULT '{}',
+        edit_actor_type TEXT NOT NULL DEFAULT '',
+        edit_actor_id   TEXT NOT NULL DEFAULT '',
+        edit_actor_name TEXT NOT NULL DEFAULT '',
+        edit_time       INTEGER NOT NULL DEFAULT 0,
+        expires      INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO messages_v2 (id, room_id, seq, actor_type, actor_id, timestamp, message, legacy_seq)
+    SELECT id, room_id, seq, actor_type, actor_id, timestamp, message, seq FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_v2 RENAME TO messages;
+    CREATE UNIQUE INDEX messages_by_seq ON messages (room_id, seq);
+    CREATE UNIQUE INDEX messages_by_legacy_seq ON messages (room_id, legacy_seq);
+    CREATE INDEX messages_by_time ON messages (room_id, timestamp) WHERE legacy_seq IS NOT NULL;
+    CREATE INDEX messages_by_room ON messages (room_id, id);
+    CREATE INDEX messages_by_expiry ON messages (expires) WHERE expires > 0;
+    UPDATE rooms SET
+        last_seq = coalesce((SELECT max(seq) FROM messages WHERE room_id = rooms.id), 0),
+        last_legacy_seq = coalesce((SELECT max(seq) FROM messages WHERE room_id = rooms.id), 0),
+        last_message_id = coalesce((SELECT max(id) FROM messages WHERE room_id = rooms.id), 0),
+        last_message_time = coalesce(
+            (SELECT max(timestamp) FROM messages WHERE room_id = rooms.id), 0);
+    CREATE TABLE reactions (
+        message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        reaction   TEXT NOT NULL,
+        actor_type TEXT NOT NULL,
+        actor_id   TEXT NOT NULL,
+        actor_name TEXT NOT NULL DEFAULT '',
+        timestamp  INTEGER NOT NULL,
+        PRIMARY KEY (message_id, reaction, actor_type, actor_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX reactions_by_actor ON reactions (actor_type, actor_id, message_id);
+    CREATE TABLE polls (
+        id          INTEGER PRIMARY KEY,
+        room_id     INTEGER NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+        question    TEXT NOT NULL,
+        options     TEXT NOT NULL,
+        votes       TEXT NOT NULL DEFAULT '{}',
+        num_voters  INTEGER NOT NULL DEFAULT 0,
+        actor_type  TEXT NOT NULL,
+        actor_id    TEXT NOT NULL,
+        actor_name  TEXT NOT NULL DEFAULT '',
+        status      INTEGER NOT NULL DEFAULT 0,
+        result_mode INTEGER NOT NULL DEFAULT 0,
+        max_votes   INTEGER NOT NULL DEFAULT 0,
+        created     INTEGER NOT NULL
+    );
+    CREATE INDEX polls_by_room ON polls (room_id);
+    CREATE TABLE poll_votes (
+        poll_id    INTEGER NOT NULL REFERENCES polls (id) ON DELETE CASCADE,
+        actor_type TEXT NOT NULL,
+        actor_id   TEXT NOT NULL,
+        actor_name TEXT NOT NULL DEFAULT '',
+        option_id  INTEGER NOT NULL,
+        PRIMARY KEY (poll_id, actor_type, actor_id, option_id)
+    ) WITHOUT ROWID;
     """,
 ]
 
@@ -1404,7 +1513,8 @@ def listed_rooms(db, user_id: str, search: str, scopes) -> list[sqlite3.Row]:
 PARTICIPANT_COLUMNS = """
     p.id, p.room_id, p.user_id, p.guest_id, p.participant_type, p.last_ping,
     p.favorite, p.notification_level, p.notification_calls, p.permissions,
-    p.last_read_message, p.guest_name, p.modified,
+    p.last_read_message, p.guest_name, p.modified, p.read_legacy_seq,
+    p.last_mention_message, p.last_mention_direct,
     coalesce(s.id, '0') AS session_id, coalesce(s.in_call, 0) AS in_call,
     coalesce(u.display_name, '') AS display_name
 """
@@ -1493,10 +1603,13 @@ def participant_by_session(db, room_id: int, session_id: str):
 
 
 def add_participant(db, room_id, participant_type, now, user_id=None, guest_id=None) -> int:
+    """A new row; its read marker starts at the room's newest message (as Talk)."""
     db.execute(
         """
-        INSERT INTO participants (room_id, user_id, guest_id, participant_type, last_ping)
-        VALUES (:room_id, :user_id, :guest_id, :type, :now)
+        INSERT INTO participants (room_id, user_id, guest_id, participant_type, last_ping,
+                                  last_read_message, read_legacy_seq)
+        SELECT :room_id, :user_id, :guest_id, :type, :now, last_message_id, last_legacy_seq
+          FROM rooms WHERE id = :room_id
         """,
         {
             "room_id": room_id,
@@ -1619,23 +1732,92 @@ def call_peers(db, room_id: int, active_since: int) -> list[sqlite3.Row]:
 
 # --- Chat --------------------------------------------------------------------
 
+# System messages that clients use to patch their caches and never show: they
+# move neither the Room's lastMessage nor its activity.
+HIDDEN_VERBS = (
+    "message_deleted", "message_edited", "reaction", "reaction_deleted",
+    "reaction_revoked", "poll_voted",
+)
 
-def add_message(db, room_id, actor_type, actor_id, message, now) -> sqlite3.Row:
-    """Store a message with the room's next seq; timestamps never go backwards."""
-    last = db.execute(
+# The text of each system message (docs/chat.md "System messages"); the
+# placeholders are rich-object parameters the writer stores with it.
+SYSTEM_TEXTS = {
+    "conversation_created": "{actor} created the conversation",
+    "conversation_renamed": "{actor} renamed the conversation",
+    "description_set": "{actor} set the description",
+    "description_removed": "{actor} removed the description",
+    "call_started": "{actor} started a call",
+    "call_joined": "{actor} joined the call",
+    "call_left": "{actor} left the call",
+    "call_ended": "The call ended",
+    "call_ended_everyone": "{actor} ended the call",
+    "read_only": "{actor} locked the conversation",
+    "read_only_off": "{actor} unlocked the conversation",
+    "listable_none": "{actor} limited the conversation to the current participants",
+    "listable_users": "{actor} opened the conversation accessible to registered users",
+    "listable_all": "{actor} opened the conversation accessible to registered users and guests",
+    "lobby_none": "{actor} opened the conversation to everyone",
+    "lobby_non_moderators": "{actor} restricted the conversation to moderators",
+    "guests_allowed": "{actor} allowed guests in the conversation",
+    "guests_disallowed": "{actor} disallowed guests in the conversation",
+    "password_set": "{actor} set a password for the conversation",
+    "password_removed": "{actor} removed the password for the conversation",
+    "user_added": "{actor} added {user}",
+    "user_removed": "{actor} removed {user}",
+    "moderator_promoted": "{actor} promoted {user} to moderator",
+    "moderator_demoted": "{actor} demoted {user} from moderator",
+    "message_deleted": "Message deleted by {actor}",
+    "message_edited": "{actor} edited a message",
+    "history_cleared": "{actor} cleared the history of the conversation",
+    "reaction_revoked": "{actor} deleted a reaction",
+    "poll_voted": "Someone voted on the poll {poll}",
+    "poll_closed": "{actor} closed the poll {poll}",
+    "message_expiration_enabled": "{actor} set the message expiration",
+    "message_expiration_disabled": "{actor} disabled message expiration",
+    "avatar_set": "{actor} set the conversation avatar",
+    "avatar_removed": "{actor} removed the conversation avatar",
+}
+
+
+def rich_actor(actor_type: str, actor_id: str, name: str) -> dict:
+    """A user or guest as a rich-object parameter (docs/chat.md, UserMention)."""
+    if actor_type == "guests":
+        return {"type": "guest", "id": f"guest/{actor_id}", "name": name}
+    return {"type": "user", "id": actor_id, "name": name}
+
+
+def add_message(
+    db, room_id, actor_type, actor_id, message, now, *, message_type="comment",
+    verb="", parameters=None, actor_name="", reference_id="", parent_id=0,
+    silent=False, expires=0, legacy=None,
+) -> sqlite3.Row:
+    """Store a message with the room's next seq; timestamps never go backwards.
+
+    Comments (legacy, unless told otherwise) also take the next 2018 seq. The
+    room's counters hand out both numbers, so nothing is counted or scanned;
+    a message that is not hidden becomes the room's lastMessage and activity.
+    """
+    if legacy is None:
+        legacy = message_type == "comment"
+    seq, legacy_seq, timestamp = db.execute(
         """
-        SELECT seq, timestamp FROM messages
-         WHERE room_id = :room_id
-         ORDER BY seq DESC
-         LIMIT 1
+        UPDATE rooms
+           SET last_seq = last_seq + 1,
+               last_legacy_seq = last_legacy_seq + :legacy,
+               last_message_time = max(last_message_time, :now)
+         WHERE id = :room_id
+        RETURNING last_seq, last_legacy_seq, last_message_time
         """,
-        {"room_id": room_id},
+        {"room_id": room_id, "legacy": 1 if legacy else 0, "now": now},
     ).fetchone()
-    seq, timestamp = (last["seq"] + 1, max(now, last["timestamp"])) if last else (1, now)
     db.execute(
         """
-        INSERT INTO messages (room_id, seq, actor_type, actor_id, timestamp, message)
-        VALUES (:room_id, :seq, :actor_type, :actor_id, :timestamp, :message)
+        INSERT INTO messages (room_id, seq, actor_type, actor_id, timestamp, message,
+                              legacy_seq, message_type, verb, parameters, actor_name,
+                              reference_id, parent_id, silent, expires)
+        VALUES (:room_id, :seq, :actor_type, :actor_id, :timestamp, :message,
+                :legacy_seq, :message_type, :verb, :parameters, :actor_name,
+                :reference_id, :parent_id, :silent, :expires)
         """,
         {
             "room_id": room_id,
@@ -1644,13 +1826,53 @@ def add_message(db, room_id, actor_type, actor_id, message, now) -> sqlite3.Row:
             "actor_id": actor_id,
             "timestamp": timestamp,
             "message": message,
+            "legacy_seq": legacy_seq if legacy else None,
+            "message_type": message_type,
+            "verb": verb,
+            "parameters": json.dumps(parameters or {}, ensure_ascii=False),
+            "actor_name": actor_name,
+            "reference_id": reference_id,
+            "parent_id": parent_id,
+            "silent": 1 if silent else 0,
+            "expires": expires,
         },
     )
-    return message_by_id(db, db.execute("SELECT last_insert_rowid()").fetchone()[0])
+    message_id = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+    if verb not in HIDDEN_VERBS:
+        db.execute(
+            """
+            UPDATE rooms
+               SET last_message_id = :id, last_activity = max(last_activity, :now)
+             WHERE id = :room_id
+            """,
+            {"id": message_id, "room_id": room_id, "now": now},
+        )
+    return message_by_id(db, message_id)
+
+
+def add_system_message(
+    db, room_id, actor, verb, params=None, now=0, *, parent_id=0, text=None
+) -> sqlite3.Row:
+    """Write the system message `verb` (docs/chat.md) into a room's chat.
+
+    `actor` is (actor_type, actor_id, display name) of who caused it, e.g.
+    ("users", "alice", "Alice"); `params` holds further rich objects by
+    placeholder (`{"user": rich_actor(...)}`); `text` overrides the standard
+    text of SYSTEM_TEXTS. Call it inside the operation's transaction, then
+    `Talk.chat_posted(room_id, row)` after the commit to wake the polls. The
+    2018 receive never shows it and it never counts as unread.
+    """
+    actor_type, actor_id, name = actor
+    parameters = {"actor": rich_actor(actor_type, actor_id, name), **(params or {})}
+    return add_message(
+        db, room_id, actor_type, actor_id, text or SYSTEM_TEXTS.get(verb, "{actor}"), now,
+        message_type="system", verb=verb, parameters=parameters, actor_name=name,
+        parent_id=parent_id,
+    )
 
 
 MESSAGE_COLUMNS = """
-    m.id, m.seq, m.actor_type, m.actor_id, m.timestamp, m.message,
+    m.*,
     CASE WHEN m.actor_type = 'users' THEN coalesce(u.display_name, '') ELSE '' END
         AS actor_display_name
 """
@@ -1668,20 +1890,40 @@ def message_by_id(db, message_id: int):
     ).fetchone()
 
 
-def messages_after(db, room_id, offset, not_older_than, limit) -> tuple[int | None, list]:
-    """The room's messages newer than a timestamp, skipping the `offset` oldest.
+def messages_by_ids(db, ids) -> dict[int, sqlite3.Row]:
+    """Messages by id (parents of replies), as {id: row}."""
+    ids = sorted(set(ids))
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    rows = db.execute(
+        f"""
+        SELECT {MESSAGE_COLUMNS}
+          FROM messages AS m
+          LEFT JOIN users AS u ON u.id = m.actor_id
+         WHERE m.id IN ({marks})
+        """,
+        ids,
+    ).fetchall()
+    return {row["id"]: row for row in rows}
 
-    Returns (start, rows): `start` is the seq the first answered message has
-    (None while no message is newer than the timestamp), rows oldest first.
-    Timestamps never decrease along seq, so the first seq past the timestamp
-    and the skip are two index lookups, whatever the room's history.
+
+def messages_after(db, room_id, offset, not_older_than, limit, now=0) -> tuple[int | None, list]:
+    """The 2018 view: the room's comments newer than a timestamp, skipping the
+    `offset` oldest.
+
+    Returns (start, rows): `start` is the legacy_seq the first answered
+    message has (None while no comment is newer than the timestamp), rows
+    oldest first. legacy_seq numbers the comments only, so system messages,
+    polls and expired rows never shift an offset; deleted comments keep their
+    number and are left out. Two index lookups, whatever the room's history.
     """
     # The first index entry past the timestamp is the lowest seq there (min()
     # would read the whole range).
     first = db.execute(
         """
-        SELECT seq FROM messages
-         WHERE room_id = :room_id AND timestamp > :since
+        SELECT legacy_seq FROM messages
+         WHERE room_id = :room_id AND timestamp > :since AND legacy_seq IS NOT NULL
          ORDER BY timestamp, id
          LIMIT 1
         """,
@@ -1695,44 +1937,369 @@ def messages_after(db, room_id, offset, not_older_than, limit) -> tuple[int | No
         SELECT {MESSAGE_COLUMNS}
           FROM messages AS m
           LEFT JOIN users AS u ON u.id = m.actor_id
-         WHERE m.room_id = :room_id AND m.seq >= :start
-         ORDER BY m.seq
+         WHERE m.room_id = :room_id AND m.legacy_seq >= :start
+           AND m.message_type = 'comment' AND (m.expires = 0 OR m.expires > :now)
+         ORDER BY m.legacy_seq
          LIMIT :limit
         """,
-        {"room_id": room_id, "start": start, "limit": limit},
+        {"room_id": room_id, "start": start, "limit": limit, "now": now},
     ).fetchall()
     return start, rows
 
 
-def last_message_of(db, room_id: int):
+def messages_page(db, room_id, known, limit, future, inclusive=False) -> list:
+    """Today's paging by id: newer than `known` oldest first (`future`), or older
+    than it newest first (`known` 0: from the newest). One index range."""
+    if future:
+        compare, order = (">=" if inclusive else ">"), "ASC"
+    else:
+        compare, order = ("<=" if inclusive else "<"), "DESC"
+        known = known if known > 0 else 2**62
     return db.execute(
         f"""
         SELECT {MESSAGE_COLUMNS}
           FROM messages AS m
           LEFT JOIN users AS u ON u.id = m.actor_id
-         WHERE m.room_id = :room_id
-         ORDER BY m.seq DESC
+         WHERE m.room_id = :room_id AND m.id {compare} :known
+         ORDER BY m.id {order}
+         LIMIT :limit
+        """,
+        {"room_id": room_id, "known": known, "limit": limit},
+    ).fetchall()
+
+
+def last_message_of(db, room, now=0):
+    """The Room's lastMessage: the stored pointer, unless that message expired."""
+    row = message_by_id(db, room["last_message_id"]) if room["last_message_id"] else None
+    if row is not None and not (0 < row["expires"] <= now):
+        return row
+    if row is None and not room["last_message_id"]:
+        return None
+    hidden = ",".join("?" * len(HIDDEN_VERBS))
+    return db.execute(
+        f"""
+        SELECT {MESSAGE_COLUMNS}
+          FROM messages AS m
+          LEFT JOIN users AS u ON u.id = m.actor_id
+         WHERE m.room_id = ? AND m.verb NOT IN ({hidden})
+           AND (m.expires = 0 OR m.expires > ?)
+         ORDER BY m.id DESC
          LIMIT 1
         """,
-        {"room_id": room_id},
+        (room["id"], *HIDDEN_VERBS, now),
     ).fetchone()
 
 
-def unread_count(db, room_id: int, last_read: int, last_seq: int) -> int:
-    """Messages after the read marker: seq numbers them, so two index lookups."""
-    if last_read <= 0:
-        return last_seq
+def unread_count(room, row) -> int:
+    """Comments after the attendee's read marker, from two stored counters."""
+    return max(0, room["last_legacy_seq"] - row["read_legacy_seq"])
+
+
+def legacy_seq_at(db, room_id: int, message_id: int) -> int:
+    """How many comments the room had up to `message_id` (the newest one's legacy_seq)."""
     row = db.execute(
-        "SELECT seq FROM messages WHERE id = :id AND room_id = :room_id",
-        {"id": last_read, "room_id": room_id},
+        """
+        SELECT legacy_seq FROM messages
+         WHERE room_id = :room_id AND id <= :id AND legacy_seq IS NOT NULL
+         ORDER BY id DESC
+         LIMIT 1
+        """,
+        {"room_id": room_id, "id": message_id},
     ).fetchone()
-    if row is not None:
-        return max(0, last_seq - row[0])
-    # The marked message is gone (expired): count what is newer than it.
+    return row[0] if row else 0
+
+
+def set_read_marker(db, participant_id: int, room_id: int, message_id: int, count=None) -> None:
+    """Move an attendee's read marker; `count` is the comments up to it, when known."""
+    if count is None:
+        count = legacy_seq_at(db, room_id, message_id)
+    db.execute(
+        """
+        UPDATE participants
+           SET last_read_message = :id, read_legacy_seq = :count
+         WHERE id = :pid
+        """,
+        {"id": message_id, "count": count, "pid": participant_id},
+    )
+
+
+def legacy_message(db, room_id: int, legacy_seq: int):
+    """The comment with a given 2018 seq, or None."""
     return db.execute(
-        "SELECT COUNT(*) FROM messages WHERE room_id = :room_id AND id > :id",
-        {"id": last_read, "room_id": room_id},
+        "SELECT id FROM messages WHERE room_id = :room_id AND legacy_seq = :seq",
+        {"room_id": room_id, "seq": legacy_seq},
+    ).fetchone()
+
+
+def last_common_read(db, room_id: int) -> int:
+    """The newest message every user of the room has read (read privacy is public)."""
+    value = db.execute(
+        """
+        SELECT min(last_read_message) FROM participants
+         WHERE room_id = :room_id AND user_id IS NOT NULL
+        """,
+        {"room_id": room_id},
     ).fetchone()[0]
+    return value or 0
+
+
+def mark_mentions(db, room_id, message_id, user_ids, everyone, sender_pid) -> None:
+    """Note a message mentioning users by name (direct) or everyone (@all)."""
+    if everyone:
+        db.execute(
+            """
+            UPDATE participants SET last_mention_message = :id
+             WHERE room_id = :room_id AND id != :sender
+            """,
+            {"id": message_id, "room_id": room_id, "sender": sender_pid},
+        )
+    for user_id in user_ids:
+        db.execute(
+            """
+            UPDATE participants
+               SET last_mention_message = :id, last_mention_direct = :id
+             WHERE room_id = :room_id AND user_id = :user_id AND id != :sender
+            """,
+            {"id": message_id, "room_id": room_id, "user_id": user_id, "sender": sender_pid},
+        )
+
+
+def edit_message(db, message_id, text, parameters, editor, now) -> None:
+    """Replace a comment's text (and mentions), noting who edited it when."""
+    editor_type, editor_id, editor_name = editor
+    db.execute(
+        """
+        UPDATE messages
+           SET message = :text, parameters = :parameters, edit_actor_type = :type,
+               edit_actor_id = :actor_id, edit_actor_name = :name, edit_time = :now
+         WHERE id = :id
+        """,
+        {"id": message_id, "text": text, "now": now, "type": editor_type,
+         "actor_id": editor_id, "name": editor_name,
+         "parameters": json.dumps(parameters, ensure_ascii=False)},
+    )
+
+
+def delete_message(db, message_id, deleter, now) -> None:
+    """Turn a comment into a comment_deleted placeholder; its reactions go."""
+    deleter_type, deleter_id, deleter_name = deleter
+    parameters = {"actor": rich_actor(deleter_type, deleter_id, deleter_name)}
+    db.execute(
+        """
+        UPDATE messages
+           SET message_type = 'comment_deleted', message = 'Message deleted by {actor}',
+               parameters = :parameters, reactions = '{}', edit_actor_type = :type,
+               edit_actor_id = :actor_id, edit_actor_name = :name, edit_time = :now
+         WHERE id = :id
+        """,
+        {"id": message_id, "now": now, "type": deleter_type, "actor_id": deleter_id,
+         "name": deleter_name, "parameters": json.dumps(parameters, ensure_ascii=False)},
+    )
+    db.execute("DELETE FROM reactions WHERE message_id = :id", {"id": message_id})
+
+
+def clear_history(db, room_id: int) -> None:
+    """Delete a room's messages, reactions and polls (the counters keep counting)."""
+    db.execute("DELETE FROM messages WHERE room_id = :room_id", {"room_id": room_id})
+    db.execute("DELETE FROM polls WHERE room_id = :room_id", {"room_id": room_id})
+
+
+def mark_all_read(db, room_id: int, message_id: int, count: int) -> None:
+    db.execute(
+        """
+        UPDATE participants
+           SET last_read_message = :id, read_legacy_seq = :count,
+               last_mention_message = 0, last_mention_direct = 0
+         WHERE room_id = :room_id
+        """,
+        {"room_id": room_id, "id": message_id, "count": count},
+    )
+
+
+def has_expired_messages(db, now: int) -> bool:
+    return (
+        db.execute(
+            "SELECT 1 FROM messages WHERE expires > 0 AND expires <= :now LIMIT 1",
+            {"now": now},
+        ).fetchone()
+        is not None
+    )
+
+
+def expire_messages(db, now: int) -> int:
+    """Delete messages whose expiration passed (the partial index finds them)."""
+    return db.execute(
+        "DELETE FROM messages WHERE expires > 0 AND expires <= :now", {"now": now}
+    ).rowcount
+
+
+def next_expiry(db) -> int | None:
+    """When the next message expires, or None."""
+    row = db.execute(
+        "SELECT expires FROM messages WHERE expires > 0 ORDER BY expires LIMIT 1"
+    ).fetchone()
+    return row[0] if row else None
+
+
+def set_guest_name(db, participant_id: int, name: str) -> None:
+    db.execute(
+        "UPDATE participants SET guest_name = :name WHERE id = :id",
+        {"id": participant_id, "name": name},
+    )
+
+
+# --- Reactions ---------------------------------------------------------------
+
+
+def reactions_of(db, message_id: int, reaction: str = "") -> list[sqlite3.Row]:
+    """Who reacted to a message with what (one emoji, or all), oldest first."""
+    return db.execute(
+        """
+        SELECT r.*, CASE WHEN r.actor_type = 'users'
+                         THEN coalesce(u.display_name, '') ELSE r.actor_name END AS display_name
+          FROM reactions AS r
+          LEFT JOIN users AS u ON u.id = r.actor_id AND r.actor_type = 'users'
+         WHERE r.message_id = :id AND (:reaction = '' OR r.reaction = :reaction)
+         ORDER BY r.timestamp, r.reaction
+        """,
+        {"id": message_id, "reaction": reaction},
+    ).fetchall()
+
+
+def own_reactions(db, actor_type, actor_id, message_ids) -> dict[int, list[str]]:
+    """The emojis an actor reacted with, per message id."""
+    ids = sorted(set(message_ids))
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    mine: dict[int, list[str]] = {}
+    for row in db.execute(
+        f"""
+        SELECT message_id, reaction FROM reactions
+         WHERE actor_type = ? AND actor_id = ? AND message_id IN ({marks})
+        """,
+        (actor_type, actor_id, *ids),
+    ):
+        mine.setdefault(row[0], []).append(row[1])
+    return mine
+
+
+def change_reaction(db, message_id, reaction, actor, now, add: bool) -> bool:
+    """Add or remove one actor's reaction, keeping the message's counts; False
+    when nothing changed (already there, or not there)."""
+    actor_type, actor_id, name = actor
+    if add:
+        changed = db.execute(
+            """
+            INSERT OR IGNORE INTO reactions
+                   (message_id, reaction, actor_type, actor_id, actor_name, timestamp)
+            VALUES (:id, :reaction, :type, :actor_id, :name, :now)
+            """,
+            {"id": message_id, "reaction": reaction, "type": actor_type,
+             "actor_id": actor_id, "name": name, "now": now},
+        ).rowcount
+    else:
+        changed = db.execute(
+            """
+            DELETE FROM reactions
+             WHERE message_id = :id AND reaction = :reaction
+               AND actor_type = :type AND actor_id = :actor_id
+            """,
+            {"id": message_id, "reaction": reaction, "type": actor_type, "actor_id": actor_id},
+        ).rowcount
+    if not changed:
+        return False
+    counts = json.loads(message_by_id(db, message_id)["reactions"])
+    counts[reaction] = counts.get(reaction, 0) + (1 if add else -1)
+    if counts[reaction] <= 0:
+        del counts[reaction]
+    db.execute(
+        "UPDATE messages SET reactions = :counts WHERE id = :id",
+        {"id": message_id, "counts": json.dumps(counts, ensure_ascii=False)},
+    )
+    return True
+
+
+# --- Polls -------------------------------------------------------------------
+
+
+def create_poll(db, room_id, question, options, actor, result_mode, max_votes, now) -> int:
+    actor_type, actor_id, name = actor
+    db.execute(
+        """
+        INSERT INTO polls (room_id, question, options, actor_type, actor_id, actor_name,
+                           result_mode, max_votes, created)
+        VALUES (:room_id, :question, :options, :type, :actor_id, :name,
+                :mode, :max_votes, :now)
+        """,
+        {"room_id": room_id, "question": question,
+         "options": json.dumps(options, ensure_ascii=False), "type": actor_type,
+         "actor_id": actor_id, "name": name, "mode": result_mode,
+         "max_votes": max_votes, "now": now},
+    )
+    return db.execute("SELECT last_insert_rowid()").fetchone()[0]
+
+
+def poll_by_id(db, room_id: int, poll_id):
+    if not isinstance(poll_id, int):
+        return None
+    return db.execute(
+        "SELECT * FROM polls WHERE id = :id AND room_id = :room_id",
+        {"id": poll_id, "room_id": room_id},
+    ).fetchone()
+
+
+def poll_votes_of(db, poll_id: int, actor_type=None, actor_id=None) -> list[sqlite3.Row]:
+    """A poll's votes (of one actor, when given), with the voters' names."""
+    return db.execute(
+        """
+        SELECT v.*, CASE WHEN v.actor_type = 'users'
+                         THEN coalesce(u.display_name, '') ELSE v.actor_name END AS display_name
+          FROM poll_votes AS v
+          LEFT JOIN users AS u ON u.id = v.actor_id AND v.actor_type = 'users'
+         WHERE v.poll_id = :poll_id
+           AND (:actor_type IS NULL OR (v.actor_type = :actor_type AND v.actor_id = :actor_id))
+         ORDER BY v.option_id
+        """,
+        {"poll_id": poll_id, "actor_type": actor_type, "actor_id": actor_id},
+    ).fetchall()
+
+
+def set_poll_votes(db, poll, actor, option_ids) -> None:
+    """Replace an actor's votes on a poll, keeping the counters of the poll row."""
+    actor_type, actor_id, name = actor
+    before = [row["option_id"] for row in poll_votes_of(db, poll["id"], actor_type, actor_id)]
+    votes = json.loads(poll["votes"])
+    for option in before:
+        key = f"option-{option}"
+        votes[key] = votes.get(key, 0) - 1
+        if votes[key] <= 0:
+            del votes[key]
+    db.execute(
+        "DELETE FROM poll_votes WHERE poll_id = :id AND actor_type = :type AND actor_id = :actor_id",
+        {"id": poll["id"], "type": actor_type, "actor_id": actor_id},
+    )
+    for option in option_ids:
+        db.execute(
+            """
+            INSERT INTO poll_votes (poll_id, actor_type, actor_id, actor_name, option_id)
+            VALUES (:id, :type, :actor_id, :name, :option)
+            """,
+            {"id": poll["id"], "type": actor_type, "actor_id": actor_id, "name": name,
+             "option": option},
+        )
+        key = f"option-{option}"
+        votes[key] = votes.get(key, 0) + 1
+    voters = poll["num_voters"] + (1 if option_ids and not before else 0)
+    voters -= 1 if before and not option_ids else 0
+    db.execute(
+        "UPDATE polls SET votes = :votes, num_voters = :voters WHERE id = :id",
+        {"id": poll["id"], "votes": json.dumps(votes), "voters": voters},
+    )
+
+
+def close_poll(db, poll_id: int) -> None:
+    db.execute("UPDATE polls SET status = 1 WHERE id = :id", {"id": poll_id})
 
 
 # --- Signaling ---------------------------------------------------------------
@@ -2210,19 +2777,133 @@ def effective_notification_level(room, row) -> int:
     return NOTIFY_ALWAYS if room["type"] in (ROOM_ONE_TO_ONE, ROOM_NOTE_TO_SELF) else NOTIFY_MENTION
 
 
-def chat_message_json(row, token) -> dict:
-    """A chat message as today's clients read it (openapi ChatMessage)."""
-    return {
-        **message_json(row, token),
-        "messageParameters": [],
-        "messageType": "comment",
-        "systemMessage": "",
-        "isReplyable": True,
-        "referenceId": "",
-        "markdown": True,
-        "reactions": [],
-        "expirationTimestamp": 0,
+MENTION = re.compile(r"""(?<![^\s(\[{])@(?:"([^"\n]{1,100})"|([A-Za-z0-9_.@'-]+))""")
+
+
+def mention_candidates(match) -> list[tuple[str, str]]:
+    """What a typed @mention may name, as (name, trailing text not part of it)."""
+    quoted, bare = match.group(1), match.group(2)
+    if quoted is not None:
+        return [(quoted, "")]
+    stripped = bare.rstrip(".'-@")
+    return [(bare, "")] + ([(stripped, bare[len(stripped):])] if stripped and stripped != bare else [])
+
+
+def render_mentions(text: str, parameters: dict) -> str:
+    """Replace the stored @mentions by the {mention-...} placeholders of their parameters."""
+    keys = {}
+    for key, value in parameters.items():
+        if key.startswith("mention-") and isinstance(value, dict):
+            keys["all" if value.get("type") == "call" else value.get("id")] = key
+    if not keys:
+        return text
+
+    def replace(match):
+        for name, rest in mention_candidates(match):
+            if name in keys:
+                return "{" + keys[name] + "}" + rest
+        return match.group(0)
+
+    return MENTION.sub(replace, text)
+
+
+def message_parameters(row) -> dict:
+    try:
+        value = json.loads(row["parameters"])
+    except (ValueError, TypeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def message_actor_name(row) -> str:
+    """The author's name today's clients show: users by account, guests as they chose."""
+    if row["actor_type"] == "users":
+        return row["actor_display_name"]
+    return row["actor_name"]
+
+
+def chat_message_json(row, token, own=None, parent=None, with_parent=True, now=0) -> dict:
+    """A chat message as today's clients read it (openapi ChatMessage).
+
+    `own` lists the emojis the viewer reacted with; `parent` is the row this
+    one replies to (shown without its own parent; `{"id", "deleted"}` once
+    deleted, or when it is gone).
+    """
+    parameters = message_parameters(row)
+    kind = row["message_type"]
+    reactions = json.loads(row["reactions"] or "{}") if kind == "comment" else {}
+    answer = {
+        "id": row["id"],
+        "token": token,
+        "actorType": row["actor_type"],
+        "actorId": row["actor_id"],
+        "actorDisplayName": message_actor_name(row),
+        "timestamp": row["timestamp"],
+        "message": render_mentions(row["message"], parameters) if kind == "comment" else row["message"],
+        "messageParameters": parameters or [],
+        "messageType": kind,
+        "systemMessage": row["verb"],
+        "isReplyable": kind == "comment" and not row["verb"] and not (0 < row["expires"] <= now),
+        "referenceId": row["reference_id"],
+        "markdown": kind == "comment",
+        "reactions": reactions or [],
+        "expirationTimestamp": row["expires"],
+        "silent": bool(row["silent"]),
     }
+    if row["edit_time"] and kind == "comment":
+        answer.update({
+            "lastEditActorType": row["edit_actor_type"],
+            "lastEditActorId": row["edit_actor_id"],
+            "lastEditActorDisplayName": row["edit_actor_name"],
+            "lastEditTimestamp": row["edit_time"],
+        })
+    if own is not None:
+        answer["reactionsSelf"] = own
+    if with_parent and row["parent_id"]:
+        if parent is None or parent["message_type"] == "comment_deleted" and kind == "comment":
+            answer["parent"] = {"id": row["parent_id"], "deleted": True}
+        else:
+            answer["parent"] = chat_message_json(parent, token, with_parent=False, now=now)
+    return answer
+
+
+def poll_json(poll, votes_self, details, is_moderator) -> dict:
+    """A poll (openapi Poll): votes and voters once visible to the viewer."""
+    own = [row["option_id"] for row in votes_self]
+    answer = {
+        "id": poll["id"],
+        "question": poll["question"],
+        "options": json.loads(poll["options"]),
+        "actorType": poll["actor_type"],
+        "actorId": poll["actor_id"],
+        "actorDisplayName": poll["actor_name"],
+        "status": poll["status"],
+        "resultMode": poll["result_mode"],
+        "maxVotes": poll["max_votes"],
+        "votedSelf": own,
+    }
+    closed = poll["status"] == POLL_CLOSED
+    public = poll["result_mode"] == POLL_PUBLIC
+    if closed or (public and own):
+        answer["votes"] = json.loads(poll["votes"]) or []
+        answer["numVoters"] = poll["num_voters"]
+    if closed and public:
+        answer["details"] = [
+            {"actorType": row["actor_type"], "actorId": row["actor_id"],
+             "actorDisplayName": row["display_name"], "optionId": row["option_id"]}
+            for row in details
+        ]
+    return answer
+
+
+def mentioned(mine, column, unread, room) -> bool:
+    """unreadMention(Direct): a mention after the read marker; in a one-to-one
+    conversation every unread message is one (as Talk)."""
+    if mine is None:
+        return False
+    if room["type"] == ROOM_ONE_TO_ONE:
+        return unread > 0
+    return mine[column] > mine["last_read_message"]
 
 
 def attendee_actor(row) -> tuple[str, str]:
@@ -2262,6 +2943,7 @@ def conversation_json(room, rows, sessions, viewer, my_session, extras, now) -> 
     else:
         can_leave = bool(other_moderators) or len(users) <= 1
     last = extras.get("last_message")
+    unread = extras.get("unread", 0) if mine is not None else 0
     actor_type, actor_id = attendee_actor(mine) if mine is not None else ("", "")
     partner = next((r for r in users if r is not mine), None)
     avatar = room_avatar_json(room, partner["display_name"] if partner is not None else "")
@@ -2295,12 +2977,16 @@ def conversation_json(room, rows, sessions, viewer, my_session, extras, now) -> 
         "canEnableSIP": False,
         "sipEnabled": 0,
         "lastActivity": room["last_activity"],
-        "lastMessage": chat_message_json(last, room["token"]) if last is not None else [],
-        "unreadMessages": extras.get("unread", 0) if mine is not None else 0,
-        "unreadMention": False,
-        "unreadMentionDirect": False,
+        "lastMessage": (
+            chat_message_json(last, room["token"], with_parent=False, now=now)
+            if last is not None else []
+        ),
+        "unreadMessages": unread,
+        "unreadMention": mentioned(mine, "last_mention_message", unread, room),
+        "unreadMentionDirect": mentioned(mine, "last_mention_direct", unread, room),
         "lastReadMessage": mine["last_read_message"] if mine is not None else 0,
-        "lastCommonReadMessage": 0,
+        "lastCommonReadMessage": min(
+            (r["last_read_message"] for r in users), default=0),
         "messageExpiration": room["message_expiration"],
         "hasPassword": bool(room["password_hash"]),
         "isFavorite": bool(mine["favorite"]) if mine is not None else False,
@@ -2691,12 +3377,12 @@ def parse_multipart(raw: bytes, content_type: str) -> dict:
 
 
 def form_params(pairs) -> dict:
-    """Query or form pairs as a dict: the last value wins, but names ending
-    in [] (shareTypes[]=0&shareTypes[]=1) keep every value, in a list."""
+    """Query or form pairs as a dict: the last value wins, but names ending in
+    [] (options[]=a&options[]=b, as the apps send lists) give the list `options`."""
     params: dict = {}
     for key, value in pairs:
         if key.endswith("[]"):
-            params.setdefault(key, []).append(value)
+            params.setdefault(key[:-2], []).append(value)
         else:
             params[key] = value
     return params
@@ -2846,7 +3532,7 @@ class Call:
 
     def texts(self, name) -> list[str]:
         """A list parameter: name[]=a&name[]=b, a JSON list, or one value; else 400."""
-        value = self.params.get(name + "[]", self.params.get(name))
+        value = self.params.get(name)
         if value is None:
             return []
         items = value if isinstance(value, list) else [value]
@@ -3254,6 +3940,11 @@ def chat_key(room_id):
     return ("chat", room_id)
 
 
+def modern_chat_key(room_id):
+    """Today's chat polls wait on their own key: system messages wake them only."""
+    return ("chat-v2", room_id)
+
+
 def room_key(room_id):
     return ("room", room_id)
 
@@ -3620,6 +4311,35 @@ class Refused(Exception):
         return OCSError(status, message, self.data)
 
 
+def speaker(actor, me) -> tuple[str, str, str]:
+    """(actor_type, actor_id, display name) of the caller, as chat stores authors."""
+    if actor.user_id is not None:
+        name = (me["display_name"] if me is not None else "") or actor.display_name
+        return "users", actor.user_id, name
+    guest_id = me["guest_id"] if me is not None else actor.guest_id
+    return "guests", guest_actor_id(guest_id or ""), me["guest_name"] if me is not None else ""
+
+
+def row_speaker(row) -> tuple[str, str, str]:
+    """(actor_type, actor_id, display name) of an attendee row."""
+    actor_type, actor_id = attendee_actor(row)
+    return actor_type, actor_id, row["display_name"] if row["user_id"] else row["guest_name"]
+
+
+def rich_row(row) -> dict:
+    return rich_actor(*row_speaker(row))
+
+
+# The system message a change of a room setting writes, by column and new value.
+SETTING_VERBS = {
+    "read_only": lambda value: "read_only" if value else "read_only_off",
+    "listable": lambda value: ("listable_none", "listable_users", "listable_all")[value],
+    "description": lambda value: "description_set" if value else "description_removed",
+    "message_expiration": lambda value: (
+        "message_expiration_enabled" if value else "message_expiration_disabled"),
+}
+
+
 class Rooms:
     """The room operations: each checks who may, writes in one transaction,
     wakes the polls it concerns and returns rows; it refuses with Refused or
@@ -3632,6 +4352,11 @@ class Rooms:
 
     def now(self) -> int:
         return int(self.talk.clock())
+
+    def say(self, db, room_id, author, verb, params=None, text=None) -> sqlite3.Row:
+        """Write a system message in the operation's transaction; the polls
+        are woken by room_changed / chat_posted once it committed."""
+        return add_system_message(db, room_id, author, verb, params, self.now(), text=text)
 
     def create(self, actor, room_type, name="", invite="") -> tuple[sqlite3.Row, bool]:
         """Create a room of `room_type`; (room, False) when a one-to-one room already exists."""
@@ -3647,6 +4372,7 @@ class Rooms:
                 if room is not None:
                     return room, False
                 room = create_room(db, ROOM_ONE_TO_ONE, "", now)
+                self.say(db, room["id"], speaker(actor, None), "conversation_created")
                 add_participant(db, room["id"], OWNER, 0, user_id=me)
                 add_participant(db, room["id"], OWNER, 0, user_id=invite)
             elif room_type == ROOM_GROUP:
@@ -3656,6 +4382,7 @@ class Rooms:
                         raise Refused("no-group")
                     members = [u for u in group_members(db, invite) if u != me]
                 room = create_room(db, ROOM_GROUP, name or invite, now)
+                self.say(db, room["id"], speaker(actor, None), "conversation_created")
                 add_participant(db, room["id"], OWNER, 0, user_id=me)
                 for user_id in members:
                     add_participant(db, room["id"], USER, 0, user_id=user_id)
@@ -3664,10 +4391,13 @@ class Rooms:
                 if room is not None:
                     return room, False
                 room = create_room(db, ROOM_NOTE_TO_SELF, "Note to self", now)
+                self.say(db, room["id"], speaker(actor, None), "conversation_created")
                 add_participant(db, room["id"], OWNER, 0, user_id=me)
             else:
                 room = create_room(db, ROOM_PUBLIC, name, now)
+                self.say(db, room["id"], speaker(actor, None), "conversation_created")
                 add_participant(db, room["id"], OWNER, 0, user_id=me)
+            room = room_by_id(db, room["id"])
         return room, True
 
     def rename(self, actor, token, raw_name, max_length) -> sqlite3.Row:
@@ -3676,13 +4406,17 @@ class Rooms:
         The name is checked after the caller's rights, as Talk does.
         """
         with self.talk.db.write() as db:
-            room, _ = room_for(db, actor, token, MODERATE)
+            room, me = room_for(db, actor, token, MODERATE)
             name = room_name(raw_name, max_length)
             if not name:
                 fail(400, f"roomName must be 1 to {max_length} characters")
             if room["type"] == ROOM_ONE_TO_ONE:
                 raise Refused("rename-one-to-one")
             rename_room(db, room["id"], name)
+            if name != room["name"]:
+                text = f'{{actor}} renamed the conversation from "{room["name"]}" to "{name}"'
+                self.say(db, room["id"], speaker(actor, me), "conversation_renamed", text=text)
+        self.talk.chat_posted(room["id"])
         return room
 
     def set_password(self, actor, token, password) -> sqlite3.Row:
@@ -3701,6 +4435,11 @@ class Rooms:
         with self.talk.db.write() as db:
             room = check(db)
             set_room_password(db, room["id"], password_hash)
+            if password_hash or room["password_hash"]:
+                _, me = room_for(db, actor, token, MODERATE)
+                verb = "password_set" if password_hash else "password_removed"
+                self.say(db, room["id"], speaker(actor, me), verb)
+        self.talk.chat_posted(room["id"])
         return room
 
     def delete(self, actor, token, one_to_one=True) -> None:
@@ -3717,19 +4456,23 @@ class Rooms:
         """Let guests in (moderators): the room becomes public. Today's routes
         refuse it for one-to-one rooms and notes to self."""
         with self.talk.db.write() as db:
-            room, _ = room_for(db, actor, token, MODERATE)
+            room, me = room_for(db, actor, token, MODERATE)
             if room["type"] not in types:
                 raise Refused("one-to-one" if room["type"] == ROOM_ONE_TO_ONE else "not-group-or-public")
             set_room_type(db, room["id"], ROOM_PUBLIC)
             touch_room(db, room["id"], self.now())
+            if room["type"] != ROOM_PUBLIC:
+                self.say(db, room["id"], speaker(actor, me), "guests_allowed")
+        self.talk.chat_posted(room["id"])
 
     def make_private(self, actor, token) -> None:
         """A public room becomes a group room; its guests and self-joined users go."""
         with self.talk.db.write() as db:
-            room, _ = room_for(db, actor, token, MODERATE)
+            room, me = room_for(db, actor, token, MODERATE)
             if room["type"] == ROOM_PUBLIC:
                 set_room_type(db, room["id"], ROOM_GROUP)
                 remove_guests_and_self_joined(db, room["id"])
+                self.say(db, room["id"], speaker(actor, me), "guests_disallowed")
         self.talk.room_changed(room["id"])
 
     def add_user(self, actor, token, user_id, convert_one_to_one=True) -> int | None:
@@ -3739,7 +4482,7 @@ class Rooms:
         a group room; today's refuse it.
         """
         with self.talk.db.write() as db:
-            room, _ = room_for(db, actor, token, MODERATE)
+            room, me = room_for(db, actor, token, MODERATE)
             if room["type"] == ROOM_ONE_TO_ONE and not convert_one_to_one:
                 raise Refused("one-to-one")
             if room["type"] == ROOM_NOTE_TO_SELF:
@@ -3748,23 +4491,30 @@ class Rooms:
                 return None
             if not user_id or get_user(db, user_id) is None:
                 raise Refused("no-user")
-            add_participant(db, room["id"], USER, 0, user_id=user_id)
+            pid = add_participant(db, room["id"], USER, 0, user_id=user_id)
+            added = participant_by_attendee(db, room["id"], pid)
+            self.say(db, room["id"], speaker(actor, me), "user_added", {"user": rich_row(added)})
+            new_type = None
             if room["type"] == ROOM_ONE_TO_ONE:
                 set_room_type(db, room["id"], ROOM_GROUP)
-                return ROOM_GROUP
-        return None
+                new_type = ROOM_GROUP
+        self.talk.chat_posted(room["id"])
+        return new_type
 
     def add_group(self, actor, token, group_id) -> None:
         """Add every member of a group who is not in the room yet (moderators)."""
         with self.talk.db.write() as db:
-            room, _ = room_for(db, actor, token, MODERATE)
+            room, me = room_for(db, actor, token, MODERATE)
             if room["type"] not in (ROOM_GROUP, ROOM_PUBLIC):
                 raise Refused("one-to-one" if room["type"] == ROOM_ONE_TO_ONE else "not-group-or-public")
             if not group_id or not group_exists(db, group_id):
                 raise Refused("no-group")
             for user_id in group_members(db, group_id):
                 if participant_of(db, room["id"], user_id=user_id) is None:
-                    add_participant(db, room["id"], USER, 0, user_id=user_id)
+                    pid = add_participant(db, room["id"], USER, 0, user_id=user_id)
+                    added = participant_by_attendee(db, room["id"], pid)
+                    self.say(db, room["id"], speaker(actor, me), "user_added",
+                             {"user": rich_row(added)})
         self.talk.room_changed(room["id"])
 
     def remove(self, actor, token, find, one_to_one_deletes=True) -> None:
@@ -3789,6 +4539,7 @@ class Rooms:
                 if row["participant_type"] == OWNER:
                     raise Refused("owner-protected")
                 remove_participant(db, row["id"])
+                self.say(db, room["id"], speaker(actor, me), "user_removed", {"user": rich_row(row)})
         self.talk.room_changed(room["id"], chat=gone)
 
     def remove_guest(self, actor, token, session_id) -> None:
@@ -3824,6 +4575,9 @@ class Rooms:
                 delete_room(db, room["id"])
             else:
                 remove_participant(db, me["id"])
+                if me["user_id"] is not None:
+                    self.say(db, room["id"], speaker(actor, me), "user_removed",
+                             {"user": rich_row(me)}, text="{user} left the conversation")
         self.talk.room_changed(room["id"], chat=gone)
 
     def join(
@@ -3858,6 +4612,10 @@ class Rooms:
                 pid = add_participant(
                     db, room["id"], kind, now, user_id=actor.user_id, guest_id=guest
                 )
+                if actor.user_id:
+                    joined = participant_by_attendee(db, room["id"], pid)
+                    self.say(db, room["id"], row_speaker(joined), "user_added",
+                             {"user": rich_row(joined)}, text="{actor} joined the conversation")
             else:
                 pid = me["id"]
             if device is None:
@@ -3899,7 +4657,7 @@ class Rooms:
     def promote(self, actor, token, find) -> None:
         """Make the user `find(db, room)` returns a moderator (moderators)."""
         with self.talk.db.write() as db:
-            room, _ = room_for(db, actor, token, MODERATE)
+            room, me = room_for(db, actor, token, MODERATE)
             row = find(db, room)
             if row is None:
                 raise Refused("no-participant")
@@ -3908,6 +4666,9 @@ class Rooms:
             if row["participant_type"] != USER:
                 raise Refused("promote-not-user")
             set_participant_type(db, row["id"], MODERATOR, self.now())
+            self.say(db, room["id"], speaker(actor, me), "moderator_promoted",
+                     {"user": rich_row(row)})
+        self.talk.chat_posted(room["id"])
 
     def demote(self, actor, token, find) -> None:
         """Make the moderator `find(db, room)` returns a plain user (moderators)."""
@@ -3921,22 +4682,30 @@ class Rooms:
             if row["participant_type"] != MODERATOR:
                 raise Refused("demote-not-moderator")
             set_participant_type(db, row["id"], USER, self.now())
+            self.say(db, room["id"], speaker(actor, me), "moderator_demoted",
+                     {"user": rich_row(row)})
+        self.talk.chat_posted(room["id"])
 
     def set_setting(self, actor, token, column, value, types=(ROOM_GROUP, ROOM_PUBLIC)) -> None:
         """Change a room setting (moderators), in rooms of the given types only."""
         with self.talk.db.write() as db:
-            room, _ = room_for(db, actor, token, MODERATE)
+            room, me = room_for(db, actor, token, MODERATE)
             if room["type"] not in types:
                 raise Refused("one-to-one" if room["type"] == ROOM_ONE_TO_ONE else "not-group-or-public")
             set_room_setting(db, room["id"], column, value, self.now())
+            if column in SETTING_VERBS and room[column] != value:
+                self.say(db, room["id"], speaker(actor, me), SETTING_VERBS[column](value))
         self.talk.room_changed(room["id"])
 
     def set_lobby(self, actor, token, state, timer) -> None:
         """Turn the lobby on (with an optional opening time) or off (moderators)."""
         with self.talk.db.write() as db:
-            room, _ = room_for(db, actor, token, MODERATE)
+            room, me = room_for(db, actor, token, MODERATE)
             if room["type"] not in (ROOM_GROUP, ROOM_PUBLIC):
                 raise Refused("one-to-one" if room["type"] == ROOM_ONE_TO_ONE else "not-group-or-public")
+            if room["lobby_state"] != state:
+                verb = "lobby_non_moderators" if state else "lobby_none"
+                self.say(db, room["id"], speaker(actor, me), verb)
             set_room_setting(db, room["id"], "lobby_state", state, self.now())
             set_room_setting(db, room["id"], "lobby_timer", timer if state else 0, self.now())
         self.talk.room_changed(room["id"])
@@ -4181,13 +4950,26 @@ def call_leave(rq, token):
 
 
 # ---------------------------------------------------------------------------
-# Routes, API v1 (2018): Chat
+# Routes, API v1: Chat (2018, and today's with lookIntoFuture, SPEC 11)
 # ---------------------------------------------------------------------------
 
 
-@long_poll(lambda query: query_integer(query, "timeout", CHAT_DEFAULT_TIMEOUT) > 0)
+def legacy_waits(query) -> bool:
+    """Whether a chat receive may wait: the 2018 form unless timeout=0, today's
+    form only looking into the future with a timeout (read as the handler does)."""
+    if "lookIntoFuture" in query:
+        return (
+            query_integer(query, "lookIntoFuture", 0) == 1
+            and query_integer(query, "timeout", CHAT_DEFAULT_TIMEOUT) > 0
+        )
+    return query_integer(query, "timeout", CHAT_DEFAULT_TIMEOUT) > 0
+
+
+@long_poll(legacy_waits)
 def chat_receive(rq, token):
-    """GET /chat/{token}: Receive chat messages of a room."""
+    """GET /chat/{token}: Receive chat messages of a room (today's form with lookIntoFuture)."""
+    if rq.has("lookIntoFuture"):
+        return chat_receive_modern(rq, token)
     offset = rq.integer("offset", 0, minimum=0)
     since = rq.integer("notOlderThanTimestamp", 0, minimum=0)
     timeout = min(rq.integer("timeout", CHAT_DEFAULT_TIMEOUT, minimum=0), CHAT_MAX_TIMEOUT)
@@ -4202,7 +4984,7 @@ def chat_receive(rq, token):
             with talk.db.read() as db:
                 if waited:  # the room may have gone, or the caller with it
                     room, _ = room_for(db, rq.actor, token, CHAT)
-                start, rows = messages_after(db, room["id"], offset, since, CHAT_PAGE_MAX)
+                start, rows = messages_after(db, room["id"], offset, since, CHAT_PAGE_MAX, rq.now)
             left = (deadline - time.monotonic()) / talk.notifier.time_scale
             if rows or last_look or left <= 0 or talk.notifier.closed:
                 break
@@ -4218,39 +5000,582 @@ def chat_receive(rq, token):
 
 def messages_in_news(news, start) -> list:
     """The messages a waiting receive can answer with straight from the sends
-    that woke it: they must continue its view exactly at seq `start`, and
-    nothing else may have happened meanwhile (None). Else [] (look again)."""
+    that woke it: they must continue its view exactly at legacy_seq `start`,
+    and nothing else may have happened meanwhile (None). Else [] (look again)."""
     if start is None or not news or any(item is None for item in news):
         return []
-    fresh = sorted((row for row in news if row["seq"] >= start), key=lambda row: row["seq"])
-    if not fresh or [row["seq"] for row in fresh] != list(range(start, start + len(fresh))):
+    fresh = sorted(
+        (row for row in news if row["legacy_seq"] is not None and row["legacy_seq"] >= start),
+        key=lambda row: row["legacy_seq"],
+    )
+    seqs = [row["legacy_seq"] for row in fresh]
+    if not fresh or seqs != list(range(start, start + len(fresh))):
         return []
     return fresh[:CHAT_PAGE_MAX]
 
 
+def future_in_news(news, last_seq) -> list:
+    """Today's waiting receive answers from the news when it continues the
+    room exactly after seq `last_seq` and nothing else happened (None)."""
+    if not news or any(item is None for item in news):
+        return []
+    fresh = sorted((row for row in news if row["seq"] > last_seq), key=lambda row: row["seq"])
+    if not fresh or [row["seq"] for row in fresh] != list(
+        range(last_seq + 1, last_seq + 1 + len(fresh))
+    ):
+        return []
+    return fresh
+
+
+def clamp(value, low, high):
+    return max(low, min(value, high))
+
+
+def chat_answer(rq, db, room, rows) -> list:
+    """Rows as today's message objects for the caller, with parents and own reactions."""
+    now = rq.now
+    parents = messages_by_ids(db, [r["parent_id"] for r in rows if r["parent_id"]]) if db else {}
+    actor_type, actor_id = caller_actor(rq, db, room)
+    reacted = [r["id"] for r in rows if r["reactions"] != "{}"]
+    own = own_reactions(db, actor_type, actor_id, reacted) if reacted and db else {}
+    return [
+        chat_message_json(row, room["token"], own.get(row["id"], []), parents.get(row["parent_id"]),
+                          now=now)
+        for row in rows
+        if not (0 < row["expires"] <= now)
+    ]
+
+
+def caller_actor(rq, db, room) -> tuple[str, str]:
+    """The caller's actor type and id in chat (guests: from their attendee row)."""
+    if rq.actor.user_id is not None:
+        return "users", rq.actor.user_id
+    return "guests", guest_actor_id(rq.actor.guest_id or "")
+
+
+def common_read_header(db, room) -> int:
+    value = last_common_read(db, room["id"])
+    bottle.response.set_header("X-Chat-Last-Common-Read", str(value))
+    return value
+
+
+def chat_receive_modern(rq, token):
+    """GET /chat/{token} with lookIntoFuture: history by id (0) or the future (1)."""
+    future = choice(rq, "lookIntoFuture", (0, 1), 0) == 1
+    limit = clamp(rq.integer("limit", CHAT_LIMIT_DEFAULT), 1, CHAT_LIMIT_MAX)
+    known = rq.integer("lastKnownMessageId", 0, minimum=0)
+    inclusive = rq.boolean("includeLastKnown", False)
+    timeout = clamp(rq.integer("timeout", CHAT_DEFAULT_TIMEOUT), 0, CHAT_MAX_TIMEOUT)
+    set_marker = rq.boolean("setReadMarker", True)
+    common_sent = rq.integer("lastCommonReadId", 0)
+    talk = rq.talk
+    with talk.db.read() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        outside_lobby(room, me, rq.now)
+    if not future:
+        with talk.db.read() as db:
+            rows = messages_page(db, room["id"], known, limit, False, inclusive)
+            return chat_reply(rq, db, room, rows, common_sent)
+    if set_marker and known > me["last_read_message"]:
+        with talk.db.write() as db:
+            set_read_marker(db, me["id"], room["id"], known)
+    deadline = time.monotonic() + timeout * talk.notifier.time_scale
+    with talk.notifier.listen(modern_chat_key(room["id"])) as waiter:
+        last_look = waited = False
+        while True:
+            with talk.db.read() as db:
+                if waited:
+                    room, _ = room_for(db, rq.actor, token, CHAT)
+                room = room_by_id(db, room["id"])
+                rows = messages_page(db, room["id"], known, limit, True, inclusive)
+                if rows:
+                    return chat_reply(rq, db, room, rows, common_sent)
+            left = (deadline - time.monotonic()) / talk.notifier.time_scale
+            if last_look or left <= 0 or talk.notifier.closed:
+                break
+            last_look = not talk.notifier.wait(waiter, left, rq.wait_cancelled)
+            waited = True
+            rows = future_in_news(talk.notifier.take_news(waiter), room["last_seq"])[:limit]
+            if rows and not any(r["parent_id"] or r["reactions"] != "{}" for r in rows):
+                return chat_reply(rq, None, room, rows, common_sent)
+    with talk.db.read() as db:
+        return chat_reply(rq, db, room, [], common_sent)
+
+
+def chat_reply(rq, db, room, rows, common_sent):
+    """The answer of a modern receive: 304 when nothing, else the messages and
+    X-Chat-Last-Given (the last fetched, before expired ones are dropped)."""
+    if not rows:
+        if common_sent and db is not None:
+            if common_read_header(db, room) != common_sent:
+                return []
+        return Reply(304, None)
+    bottle.response.set_header("X-Chat-Last-Given", str(rows[-1]["id"]))
+    if db is not None:
+        common_read_header(db, room)
+    return chat_answer(rq, db, room, rows)
+
+
+def modern_send(rq) -> bool:
+    """Whether a send comes from today's clients (a superset answer, 413 when too long)."""
+    markers = ("referenceId", "replyTo", "silent", "actorDisplayName")
+    content_type = bottle.request.environ.get("CONTENT_TYPE", "")
+    return any(rq.has(name) for name in markers) or "json" in content_type
+
+
+def parse_mentions(db, room, text) -> tuple[dict, list[str], bool]:
+    """The rich objects of a message's @mentions: (parameters, user ids, @all)."""
+    parameters, users, everyone = {}, [], False
+    numbers = {"user": 0, "guest": 0, "call": 0}
+    seen = set()
+    guests = None
+    for match in MENTION.finditer(text):
+        for name, _ in mention_candidates(match):
+            if name in seen:
+                break
+            found = None
+            if name == "all":
+                found = ("call", {"type": "call", "id": room["token"],
+                                  "name": room["name"], "call-type": call_type(room)})
+                everyone = True
+            elif name.startswith("guest/"):
+                if guests is None:
+                    guests = {guest_actor_id(r["guest_id"]): r for r in participants_of(db, room["id"])
+                              if r["guest_id"] is not None}
+                row = guests.get(name[6:])
+                if row is not None:
+                    found = ("guest", {"type": "guest", "id": name, "name": row["guest_name"]})
+            else:
+                user = get_user(db, name)
+                if user is not None:
+                    found = ("user", {"type": "user", "id": user["id"], "name": user["display_name"]})
+                    users.append(user["id"])
+            if found is not None:
+                seen.add(name)
+                kind, value = found
+                numbers[kind] += 1
+                parameters[f"mention-{kind}{numbers[kind]}"] = value
+                break
+    return parameters, users, everyone
+
+
+def call_type(room) -> str:
+    return {ROOM_ONE_TO_ONE: "one2one", ROOM_PUBLIC: "public"}.get(room["type"], "group")
+
+
+def may_write(room, me, now) -> None:
+    """Chat writes: the lobby (412), read-only rooms and the chat permission (403)."""
+    outside_lobby(room, me, now)
+    if room["read_only"]:
+        fail(403, "The conversation is read-only")
+    if not effective_permissions(room, me) & PERM_CHAT:
+        fail(403, "You may not chat in this conversation")
+
+
 def chat_send(rq, token):
-    """POST /chat/{token}: Sending a new chat message."""
+    """POST /chat/{token}: Sending a new chat message (replyTo, referenceId, silent)."""
+    modern = modern_send(rq)
     message = (rq.text("message", "") or "").strip()
+    reference_id = rq.text("referenceId", "") or ""
+    if len(reference_id) > REFERENCE_ID_MAX:
+        fail(400, f"referenceId is longer than {REFERENCE_ID_MAX} characters")
+    reply_to = rq.integer("replyTo", 0, minimum=0)
+    silent = rq.boolean("silent", False)
+    guest_name = (rq.text("actorDisplayName", "") or "").strip()[:GUEST_NAME_MAX]
     now = rq.now
     with rq.talk.db.write() as db:
         room, me = room_for(db, rq.actor, token, CHAT)
-        outside_lobby(room, me, now)
-        if room["read_only"]:
-            fail(403, "The conversation is read-only")
+        may_write(room, me, now)
         if not message:
             fail(400, "The message is empty")
         if len(message) > MESSAGE_MAX:
-            fail(400, f"The message is longer than {MESSAGE_MAX} characters")
+            fail(413 if modern else 400, f"The message is longer than {MESSAGE_MAX} characters")
+        parent = message_by_id(db, reply_to) if reply_to else None
+        if reply_to and (
+            parent is None or parent["room_id"] != room["id"]
+            or parent["message_type"] != "comment" or parent["verb"]
+        ):
+            fail(400, "replyTo must be a message of this conversation")
         if rq.actor.user_id:
-            actor_type, actor_id = "users", rq.actor.user_id
+            actor_type, actor_id, name = "users", rq.actor.user_id, ""
         else:
-            actor_type = "guests"
-            actor_id = hashlib.sha1(me["session_id"].encode()).hexdigest()
-        row = add_message(db, room["id"], actor_type, actor_id, message, now)
+            if guest_name:
+                set_guest_name(db, me["id"], guest_name)
+            actor_type, name = "guests", guest_name or me["guest_name"]
+            # The 2018 routes name a guest by its session, today's by its attendee.
+            actor_id = guest_actor_id(me["guest_id"]) if modern else (
+                hashlib.sha1(me["session_id"].encode()).hexdigest())
+        parameters, users, everyone = parse_mentions(db, room, message)
+        expires = now + room["message_expiration"] if room["message_expiration"] else 0
+        row = add_message(
+            db, room["id"], actor_type, actor_id, message, now, parameters=parameters,
+            actor_name=name, reference_id=reference_id, parent_id=reply_to,
+            silent=silent, expires=expires,
+        )
+        mark_mentions(db, room["id"], row["id"], users, everyone, me["id"])
+        set_read_marker(db, me["id"], room["id"], row["id"], row["legacy_seq"])
         touch(db, me["id"], now)
-        mark_activity(db, room["id"], now)
-    rq.talk.notifier.notify(chat_key(room["id"]), news=row)
-    return Reply(201, message_json(row, room["token"]))
+        common = last_common_read(db, room["id"]) if modern else 0
+    if expires:
+        rq.talk.expire_at(expires)
+    rq.talk.chat_posted(room["id"], row)
+    if not modern:
+        return Reply(201, message_json(row, room["token"]))
+    bottle.response.set_header("X-Chat-Last-Common-Read", str(common))
+    return Reply(201, chat_message_json(row, room["token"], [], parent, now=now))
+
+
+def message_id_of(value) -> int:
+    """A message or poll id from the URL (404 unless a positive integer)."""
+    if not re.fullmatch(r"[0-9]{1,18}", value or ""):
+        fail(404, "Message not found")
+    return int(value)
+
+
+def own_message(rq, me, row) -> bool:
+    """Whether the caller wrote the message (guests under either of their ids)."""
+    if rq.actor.user_id is not None:
+        return row["actor_type"] == "users" and row["actor_id"] == rq.actor.user_id
+    ids = {guest_actor_id(me["guest_id"]), hashlib.sha1(me["session_id"].encode()).hexdigest()}
+    return row["actor_type"] == "guests" and row["actor_id"] in ids
+
+
+def changeable_message(rq, db, token, message_id, max_age):
+    """The room, the caller's row and a comment the caller may edit or delete
+    (docs/chat.md): own, or a moderator's outside one-to-ones, not too old."""
+    room, me = room_for(db, rq.actor, token, CHAT)
+    may_write(room, me, rq.now)
+    row = message_by_id(db, message_id)
+    if row is None or row["room_id"] != room["id"]:
+        fail(404, "Message not found")
+    if row["message_type"] != "comment" or row["verb"]:
+        fail(405, "Only chat messages can be changed")
+    moderator = me["participant_type"] in MODERATOR_TYPES and room["type"] != ROOM_ONE_TO_ONE
+    if not own_message(rq, me, row) and not moderator:
+        fail(403, "You may change only your own messages")
+    if rq.now - row["timestamp"] > max_age:
+        fail(400, "The message is too old to change")
+    return room, me, row
+
+
+def chat_edit(rq, token, message_id):
+    """PUT /chat/{token}/{messageId}: Edit a message (answers the message_edited system message)."""
+    message_id = message_id_of(message_id)
+    text = (rq.text("message", "") or "").strip()
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me, row = changeable_message(rq, db, token, message_id, EDIT_MAX_AGE)
+        if not text:
+            fail(400, "The message is empty")
+        if len(text) > MESSAGE_MAX:
+            fail(413, f"The message is longer than {MESSAGE_MAX} characters")
+        parameters, users, everyone = parse_mentions(db, room, text)
+        author = speaker(rq.actor, me)
+        edit_message(db, message_id, text, parameters, author, now)
+        mark_mentions(db, room["id"], message_id, users, everyone, me["id"])
+        system = add_system_message(db, room["id"], author, "message_edited", now=now,
+                                    parent_id=message_id)
+        edited = message_by_id(db, message_id)
+    rq.talk.chat_posted(room["id"], system, changed=True)
+    return chat_message_json(system, room["token"], parent=edited, now=now)
+
+
+def chat_delete(rq, token, message_id):
+    """DELETE /chat/{token}/{messageId}: Delete a message (answers the message_deleted system message)."""
+    message_id = message_id_of(message_id)
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me, _ = changeable_message(rq, db, token, message_id, DELETE_MAX_AGE)
+        author = speaker(rq.actor, me)
+        delete_message(db, message_id, author, now)
+        system = add_system_message(db, room["id"], author, "message_deleted", now=now,
+                                    parent_id=message_id)
+        deleted = message_by_id(db, message_id)
+    rq.talk.chat_posted(room["id"], system, changed=True)
+    return chat_message_json(system, room["token"], parent=deleted, now=now)
+
+
+def chat_clear(rq, token):
+    """DELETE /chat/{token}: Clear the history (moderators; either side of a one-to-one)."""
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        if me["participant_type"] not in MODERATOR_TYPES:
+            fail(403, "Only moderators may clear the history")
+        clear_history(db, room["id"])
+        row = add_system_message(db, room["id"], speaker(rq.actor, me), "history_cleared", now=now)
+        room = room_by_id(db, room["id"])
+        mark_all_read(db, room["id"], row["id"], room["last_legacy_seq"])
+    rq.talk.chat_posted(room["id"], row, changed=True)
+    return chat_message_json(row, room["token"], now=now)
+
+
+def chat_context(rq, token, message_id):
+    """GET /chat/{token}/{messageId}/context: The messages around one, oldest first."""
+    message_id = message_id_of(message_id)
+    limit = clamp(rq.integer("limit", CONTEXT_LIMIT_DEFAULT), 1, CONTEXT_LIMIT_MAX)
+    with rq.talk.db.read() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        outside_lobby(room, me, rq.now)
+        older = messages_page(db, room["id"], message_id, limit, False)
+        newer = messages_page(db, room["id"], message_id, limit + 1, True, inclusive=True)
+        rows = [*reversed(older), *newer]
+        if rows:
+            bottle.response.set_header("X-Chat-Last-Given", str(rows[0]["id"]))
+        common_read_header(db, room)
+        return chat_answer(rq, db, room, rows)
+
+
+def chat_mark_read(rq, token):
+    """POST /chat/{token}/read: Mark the chat read up to lastReadMessage (default: all)."""
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        marker = rq.integer("lastReadMessage", None, minimum=0)
+        if marker is None or marker >= room["last_message_id"]:
+            last = max(room["last_message_id"], me["last_read_message"])
+            set_read_marker(db, me["id"], room["id"], last, room["last_legacy_seq"])
+        else:
+            set_read_marker(db, me["id"], room["id"], marker)
+        common_read_header(db, room)
+    return read_marker_answer(rq, token)
+
+
+def chat_mark_unread(rq, token):
+    """DELETE /chat/{token}/read: Mark the chat unread (its newest comment is unread again)."""
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        count = max(room["last_legacy_seq"] - 1, 0)
+        before = legacy_message(db, room["id"], count) if count else None
+        set_read_marker(db, me["id"], room["id"], before["id"] if before else 0, count)
+        common_read_header(db, room)
+    return read_marker_answer(rq, token)
+
+
+def read_marker_answer(rq, token) -> dict:
+    """The Room after a read-marker change (today's Talk answers it)."""
+    with rq.talk.db.read() as db:
+        room, _ = room_for(db, rq.actor, token, CHAT)
+        return conversation_answer(rq, db, room)
+
+
+def chat_mentions(rq, token):
+    """GET /chat/{token}/mentions: Autocomplete suggestions for @mentions."""
+    search = (rq.text("search", "") or "").lower()
+    limit = clamp(rq.integer("limit", MENTIONS_LIMIT_DEFAULT), 1, 100)
+    with rq.talk.db.read() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        outside_lobby(room, me, rq.now)
+        rows = participants_of(db, room["id"])
+    found = []
+    if "all".startswith(search) or search in room["name"].lower():
+        found.append({"id": "all", "label": room["name"] or "all", "source": "calls",
+                      "mentionId": "all"})
+    for row in rows:
+        if row["id"] == me["id"]:
+            continue
+        if row["user_id"] is not None:
+            entry = {"id": row["user_id"], "label": row["display_name"], "source": "users",
+                     "mentionId": row["user_id"]}
+        else:
+            guest = f"guest/{guest_actor_id(row['guest_id'])}"
+            entry = {"id": guest, "label": row["guest_name"] or "Guest", "source": "guests",
+                     "mentionId": guest}
+        if search in entry["id"].lower() or search in entry["label"].lower():
+            found.append(entry)
+    return found[:limit]
+
+
+# --- Reactions (docs/reaction.md) ----------------------------------------------------
+
+
+def reaction_of(rq) -> str:
+    reaction = (rq.text("reaction", "") or "").strip()
+    if not reaction or len(reaction) > REACTION_MAX or re.search(r"[\sA-Za-z0-9]", reaction):
+        fail(400, "reaction must be one emoji")
+    return reaction
+
+
+def reactable(rq, db, token, message_id, write=True):
+    room, me = room_for(db, rq.actor, token, CHAT)
+    if write:
+        may_write(room, me, rq.now)
+    else:
+        outside_lobby(room, me, rq.now)
+    row = message_by_id(db, message_id)
+    if row is None or row["room_id"] != room["id"]:
+        fail(404, "Message not found")
+    if row["message_type"] != "comment" or row["verb"]:
+        fail(400, "Only chat messages take reactions")
+    return room, me, row
+
+
+def reactions_answer(db, message_id, reaction="") -> dict:
+    """emoji -> who reacted with it (openapi Reaction)."""
+    answer: dict[str, list] = {}
+    for row in reactions_of(db, message_id, reaction):
+        answer.setdefault(row["reaction"], []).append({
+            "actorType": row["actor_type"], "actorId": row["actor_id"],
+            "actorDisplayName": row["display_name"], "timestamp": row["timestamp"],
+        })
+    return answer or []
+
+
+def reaction_change(rq, token, message_id, add):
+    message_id = message_id_of(message_id)
+    reaction = reaction_of(rq)
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me, _ = reactable(rq, db, token, message_id)
+        author = speaker(rq.actor, me)
+        changed = change_reaction(db, message_id, reaction, author, now, add)
+        if not changed and not add:
+            fail(404, "Reaction not found")
+        system = None
+        if changed:
+            verb = "reaction" if add else "reaction_revoked"
+            system = add_system_message(db, room["id"], author, verb, now=now, parent_id=message_id,
+                                        text=reaction if add else None)
+        answer = reactions_answer(db, message_id)
+    if system is not None:
+        rq.talk.chat_posted(room["id"], system, changed=True)
+    return Reply(201 if add and changed else 200, answer)
+
+
+def reaction_add(rq, token, message_id):
+    """POST /reaction/{token}/{messageId}: React (201 new, 200 already there)."""
+    return reaction_change(rq, token, message_id, add=True)
+
+
+def reaction_delete(rq, token, message_id):
+    """DELETE /reaction/{token}/{messageId}: Take one's reaction back."""
+    return reaction_change(rq, token, message_id, add=False)
+
+
+def reaction_list(rq, token, message_id):
+    """GET /reaction/{token}/{messageId}: Who reacted with what (`reaction` filters)."""
+    message_id = message_id_of(message_id)
+    reaction = (rq.text("reaction", "") or "").strip()
+    with rq.talk.db.read() as db:
+        reactable(rq, db, token, message_id, write=False)
+        return reactions_answer(db, message_id, reaction)
+
+
+# --- Polls (docs/poll.md) --------------------------------------------------------------
+
+
+def poll_answer(rq, db, room, me, poll) -> dict:
+    actor_type, actor_id = caller_actor(rq, db, room)
+    own = poll_votes_of(db, poll["id"], actor_type, actor_id)
+    details = poll_votes_of(db, poll["id"]) if poll["status"] == POLL_CLOSED else []
+    return poll_json(poll, own, details, me["participant_type"] in MODERATOR_TYPES)
+
+
+def text_list(rq, name) -> list:
+    """A list parameter: a JSON array, or repeated `name[]` form fields."""
+    value = rq.params.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        value = [value]
+    if not all(isinstance(item, str | int) and not isinstance(item, bool) for item in value):
+        fail(400, f"{name} must be a list")
+    return [str(item) for item in value]
+
+
+def poll_create(rq, token):
+    """POST /poll/{token}: Create a poll (question, options, resultMode, maxVotes)."""
+    question = (rq.text("question", "") or "").strip()
+    options = [option.strip() for option in text_list(rq, "options")]
+    mode = choice(rq, "resultMode", (POLL_PUBLIC, POLL_HIDDEN), POLL_PUBLIC)
+    max_votes = rq.integer("maxVotes", 0, minimum=0)
+    if not question or len(question) > POLL_QUESTION_MAX:
+        fail(400, "question must be 1 to 32000 characters")
+    if len(options) < 2 or not all(options) or any(len(o) > POLL_OPTION_MAX for o in options):
+        fail(400, "options must be at least two texts")
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me = room_for(db, rq.actor, token, CHAT)
+        may_write(room, me, now)
+        if room["type"] == ROOM_ONE_TO_ONE:
+            fail(400, "Polls are not possible in one-to-one conversations")
+        author = speaker(rq.actor, me)
+        poll_id = create_poll(db, room["id"], question, options, author, mode, max_votes, now)
+        expires = now + room["message_expiration"] if room["message_expiration"] else 0
+        params = {"actor": rich_actor(*author),
+                  "object": {"type": "talk-poll", "id": str(poll_id), "name": question}}
+        row = add_message(db, room["id"], author[0], author[1], "{object}", now,
+                          parameters=params, actor_name=author[2], legacy=False, expires=expires)
+        set_read_marker(db, me["id"], room["id"], row["id"])
+        answer = poll_answer(rq, db, room, me, poll_by_id(db, room["id"], poll_id))
+    if expires:
+        rq.talk.expire_at(expires)
+    rq.talk.chat_posted(room["id"], row)
+    return Reply(201, answer)
+
+
+def poll_of(rq, db, token, poll_id, write=False):
+    room, me = room_for(db, rq.actor, token, CHAT)
+    if write:
+        may_write(room, me, rq.now)
+    else:
+        outside_lobby(room, me, rq.now)
+    poll = poll_by_id(db, room["id"], message_id_of(poll_id))
+    if poll is None:
+        fail(404, "Poll not found")
+    return room, me, poll
+
+
+def poll_get(rq, token, poll_id):
+    """GET /poll/{token}/{pollId}: A poll's state (results once visible)."""
+    with rq.talk.db.read() as db:
+        room, me, poll = poll_of(rq, db, token, poll_id)
+        return poll_answer(rq, db, room, me, poll)
+
+
+def poll_vote(rq, token, poll_id):
+    """POST /poll/{token}/{pollId}: Vote (optionIds replace earlier votes)."""
+    raw = text_list(rq, "optionIds")
+    if not all(re.fullmatch(r"[0-9]{1,9}", item) for item in raw):
+        fail(400, "optionIds must be option numbers")
+    option_ids = sorted({int(item) for item in raw})
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me, poll = poll_of(rq, db, token, poll_id, write=True)
+        if poll["status"] == POLL_CLOSED:
+            fail(400, "The poll is closed")
+        if any(o >= len(json.loads(poll["options"])) for o in option_ids):
+            fail(400, "No such option")
+        if poll["max_votes"] and len(option_ids) > poll["max_votes"]:
+            fail(400, f"At most {poll['max_votes']} options")
+        author = speaker(rq.actor, me)
+        set_poll_votes(db, poll, author, option_ids)
+        system = None
+        if poll["result_mode"] == POLL_PUBLIC:
+            rich = {"poll": {"type": "talk-poll", "id": str(poll["id"]), "name": poll["question"]}}
+            system = add_system_message(db, room["id"], author, "poll_voted", rich, now)
+        answer = poll_answer(rq, db, room, me, poll_by_id(db, room["id"], poll["id"]))
+    if system is not None:
+        rq.talk.chat_posted(room["id"], system)
+    return answer
+
+
+def poll_close(rq, token, poll_id):
+    """DELETE /poll/{token}/{pollId}: Close a poll (its author or a moderator)."""
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room, me, poll = poll_of(rq, db, token, poll_id, write=True)
+        author = speaker(rq.actor, me)
+        mine = (poll["actor_type"], poll["actor_id"]) == author[:2]
+        if not mine and me["participant_type"] not in MODERATOR_TYPES:
+            fail(403, "Only the author or a moderator may close the poll")
+        if poll["status"] == POLL_CLOSED:
+            fail(400, "The poll is closed already")
+        close_poll(db, poll["id"])
+        rich = {"poll": {"type": "talk-poll", "id": str(poll["id"]), "name": poll["question"]}}
+        system = add_system_message(db, room["id"], author, "poll_closed", rich, now)
+        answer = poll_answer(rq, db, room, me, poll_by_id(db, room["id"], poll["id"]))
+    rq.talk.chat_posted(room["id"], system)
+    return answer
 
 
 # ---------------------------------------------------------------------------
@@ -4403,14 +5728,14 @@ def conversation_parts(rq, db, room, session_id=None) -> tuple[dict, sqlite3.Row
         None,
     )
     my_session, unread = None, 0
-    last = last_message_of(db, room["id"])
+    last = last_message_of(db, room, now)
     if mine is not None:
         own = sessions_of(db, mine["id"])
         if session_id is not None:
             my_session = next((s for s in own if s["id"] == session_id), None)
         else:
             my_session = device_session(own, rq.device(), now - ACTIVE_SECONDS)
-        unread = unread_count(db, room["id"], mine["last_read_message"], last["seq"] if last else 0)
+        unread = unread_count(room, mine)
     extras = {"last_message": last, "unread": unread}
     sessions = sessions_of_room(db, room["id"])
     return conversation_json(room, rows, sessions, actor, my_session, extras, now), mine
@@ -4445,7 +5770,7 @@ def conversation_list(rq):
     if answers is not None:
         return answers
     answers = []
-    with rq.talk.db.read() as db:
+    with talk.db.read() as db:
         for room in rooms_with(db, rq.actor.user_id):
             answer, mine = conversation_parts(rq, db, room)
             # With includeStatus every one-to-one room comes (its partner's status may change).
@@ -5686,7 +7011,7 @@ def autocomplete_get(rq):
     limit = min(max(rq.integer("limit", AUTOCOMPLETE_DEFAULT_LIMIT), 1), AUTOCOMPLETE_MAX_LIMIT)
     offset = rq.integer("offset", 0, minimum=0)
     share_types = {int(t) for t in rq.texts("shareTypes") if t.strip().isdigit()}
-    if not rq.has("shareTypes[]") and not rq.has("shareTypes"):
+    if not rq.has("shareTypes"):
         share_types = {SHARE_TYPE_USER}
     me = rq.actor.user_id
     wanted = search.lower()
@@ -5775,6 +7100,26 @@ ROUTES = [
     ("GET", "/signaling", signaling_receive, PUBLIC),
     ("POST", "/signaling/<token>", signaling_send, PUBLIC),
     ("GET", "/signaling/<token>", signaling_receive, PUBLIC),
+]
+
+# Today's chat, also under .../api/v1 (docs/chat.md, reaction.md, poll.md):
+# GET /chat/{token} with lookIntoFuture and POST /chat/{token} are the 2018
+# routes above; static paths before the <message_id> ones.
+CHAT_ROUTES = [
+    ("DELETE", "/chat/<token>", chat_clear, PUBLIC),
+    ("POST", "/chat/<token>/read", chat_mark_read, PUBLIC),
+    ("DELETE", "/chat/<token>/read", chat_mark_unread, PUBLIC),
+    ("GET", "/chat/<token>/mentions", chat_mentions, PUBLIC),
+    ("PUT", "/chat/<token>/<message_id>", chat_edit, PUBLIC),
+    ("DELETE", "/chat/<token>/<message_id>", chat_delete, PUBLIC),
+    ("GET", "/chat/<token>/<message_id>/context", chat_context, PUBLIC),
+    ("POST", "/reaction/<token>/<message_id>", reaction_add, PUBLIC),
+    ("DELETE", "/reaction/<token>/<message_id>", reaction_delete, PUBLIC),
+    ("GET", "/reaction/<token>/<message_id>", reaction_list, PUBLIC),
+    ("POST", "/poll/<token>", poll_create, PUBLIC),
+    ("GET", "/poll/<token>/<poll_id>", poll_get, PUBLIC),
+    ("POST", "/poll/<token>/<poll_id>", poll_vote, PUBLIC),
+    ("DELETE", "/poll/<token>/<poll_id>", poll_close, PUBLIC),
 ]
 
 # API v4 (today), under /ocs/v{1,2}.php/apps/spreed/api/v4: conversations,
@@ -5906,6 +7251,7 @@ AUTOCOMPLETE_ROUTES = [
 # (prefix, generation, table)
 ROUTE_TABLES = [
     (API_PREFIX, 1, ROUTES),
+    (API_PREFIX, 1, CHAT_ROUTES),
     (API_V4_PREFIX, 4, ROUTES_V4),
     (CLOUD_PREFIX, 1, CLOUD_ROUTES),
     (CORE_PREFIX, 1, SIGNIN_ROUTES),
@@ -5986,18 +7332,40 @@ class Talk:
         self.room_throttle = Throttle(throttle_free_failures)
         self.rooms = Rooms(self)
         self.config_hash = config_hash(self)
+        self._expiry_lock = threading.Lock()
+        self._expiry = None  # (when, timer) of the next message expiration
+        self.closing = False
+        upcoming = self.expire_messages()
+        if upcoming is not None:
+            self.expire_at(upcoming)
 
     def room_changed(self, room_id, chat=False):
         """Wake the room's signaling polls (and chat polls when the room went).
 
         Waiting chat polls must look in the database again before they use a
-        new message as news: the change may have cost them the room.
+        new message as news: the change may have cost them the room. Today's
+        chat polls are woken too: the change may have written a system message.
         """
         self.notifier.taint(chat_key(room_id))
-        keys = [room_key(room_id)]
+        keys = [room_key(room_id), modern_chat_key(room_id)]
         if chat:
             keys.append(chat_key(room_id))
-        self.notifier.notify(*keys)
+        self.notifier.notify(*keys)  # news None: today's polls look again
+
+    def chat_posted(self, room_id, *rows, changed=False):
+        """Wake the room's chat polls with the messages just committed (none
+        given: today's polls look in the database). A 2018 poll is woken by
+        comments only. `changed`: older messages changed too (edit, delete,
+        clear), so news alone does not tell everything."""
+        if changed:
+            self.notifier.taint(chat_key(room_id))
+            self.notifier.taint(modern_chat_key(room_id))
+        if not rows:
+            self.notifier.notify(modern_chat_key(room_id))
+        for row in rows:
+            if row["legacy_seq"] is not None:
+                self.notifier.notify(chat_key(room_id), news=row)
+            self.notifier.notify(modern_chat_key(room_id), news=row)
 
     def expire_guests(self, token):
         """Delete guest rows inactive past the window, when there are any (SPEC 2)."""
@@ -6012,8 +7380,49 @@ class Talk:
                 expire_guests(db, room["id"], before)
             self.room_changed(room["id"])
 
+    def expire_messages(self) -> int | None:
+        """Delete the messages whose expiration passed; when the next one
+        expires (None: no message will)."""
+        now = int(self.clock())
+        with self.db.read() as db:
+            due = has_expired_messages(db, now)
+        if due:
+            with self.db.write() as db:
+                expire_messages(db, now)
+        with self.db.read() as db:
+            return next_expiry(db)
+
+    def expire_at(self, when) -> None:
+        """Have expire_messages run when `when` comes (one timer, set to the
+        nearest expiration: no loop polls for them)."""
+        with self._expiry_lock:
+            if self.closing or (self._expiry is not None and self._expiry[0] <= when):
+                return
+            if self._expiry is not None:
+                self._expiry[1].cancel()
+            delay = min(max(when - self.clock(), 0), 3600)
+            timer = threading.Timer(delay, self._expire_due)
+            timer.daemon = True
+            self._expiry = (when, timer)
+            timer.start()
+
+    def _expire_due(self):
+        with self._expiry_lock:
+            self._expiry = None
+        try:
+            upcoming = self.expire_messages()
+        except (sqlite3.Error, RuntimeError):  # closed meanwhile
+            return
+        if upcoming is not None:
+            self.expire_at(upcoming)
+
     def shutdown(self):
         """Answer every waiting long-poll now; stop new waits."""
+        with self._expiry_lock:
+            self.closing = True
+            if self._expiry is not None:
+                self._expiry[1].cancel()
+                self._expiry = None
         self.notifier.close()
 
     def close(self):
@@ -6093,6 +7502,9 @@ def ocs_callback(talk, handler, who, generation=1, max_body=None):
             return envelope(version, fmt, 409, [], "Conflict with a concurrent change; try again")
         if isinstance(result, Binary):
             return binary_answer(result)
+        if isinstance(result, Reply) and result.status == 304:
+            bottle.response.status = 304  # today's chat: nothing new, and no body
+            return b""
         if isinstance(result, Reply):
             return envelope(version, fmt, result.status, result.data)
         return envelope(version, fmt, 200, result)

@@ -140,10 +140,12 @@ def throughput(spec) -> dict:
 class Receivers:
     """`count` receivers spread over rooms, each on its own connection.
 
-    Each loops: GET /chat/{token}?offset=<what it has>&timeout=30, notes
-    when an answer with messages came back (perf_counter, this process),
-    and asks again. `polling[i]` is the offset receiver i is waiting at,
-    None while it is between requests.
+    Each loops: GET /chat/{token}?offset=<what it has>&timeout=30 (with
+    `modern`: lookIntoFuture=1&lastKnownMessageId=<newest it has>, as
+    today's apps poll), notes when an answer with messages came back
+    (perf_counter, this process), and asks again. `polling[i]` is the offset
+    (modern: the message id) receiver i is waiting at, None while it is
+    between requests.
     """
 
     def __init__(self, spec):
@@ -172,21 +174,29 @@ class Receivers:
                 self.polling[i] = offset
                 self.started[i] = True
                 self.cond.notify_all()
+            if spec.get("modern"):
+                params = {"lookIntoFuture": 1, "lastKnownMessageId": offset, "timeout": 30}
+            else:
+                params = {"offset": offset, "timeout": 30}
             try:
-                status, body = client.raw("GET", path, {"offset": offset, "timeout": 30})
+                status, body = client.raw("GET", path, params)
             except NETWORK_ERRORS:
                 status, body = "network", b""
             returned = time.perf_counter()
             messages = json.loads(body)["ocs"]["data"] if status == 200 else []
+            fine = status == 200 or (status == 304 and spec.get("modern"))
             with self.cond:
                 self.polling[i] = None
-                if status != 200:
+                if not fine:
                     self.errors += 1
                 for message in messages:
                     self.arrivals.setdefault(message["id"], []).append(returned)
-                offset += len(messages)
+                if spec.get("modern"):
+                    offset = max([offset, *(m["id"] for m in messages)])
+                else:
+                    offset += len(messages)
                 self.cond.notify_all()
-            if status != 200:
+            if not fine:
                 time.sleep(0.05)
 
     def wait_for(self, predicate, timeout=60.0):
@@ -203,9 +213,17 @@ def wake(spec) -> dict:
     one message goes to one room, rooms in turn.
     """
     receivers = Receivers(spec)
-    counts = list(spec["offsets"])
-    receivers.start(counts)
     sender = Http(spec["port"], spec["user"], spec["password"])
+    if spec.get("modern"):  # each room's newest message id, where the polls start
+        counts = [
+            sender.ocs("GET", f"/chat/{token}", {"lookIntoFuture": 0, "limit": 1, "timeout": 0})[
+                0
+            ]["id"]
+            for token in spec["tokens"]
+        ]
+    else:
+        counts = list(spec["offsets"])
+    receivers.start(counts)
     per_room = [receivers.room_of.count(r) for r in range(len(counts))]
     latencies, rss = [], []
 
@@ -222,7 +240,7 @@ def wake(spec) -> dict:
             rss.append(server_rss_kb(spec["server_pid"]))
         data = sender.ocs("POST", f"/chat/{spec['tokens'][room]}", {"message": f"wake {k}"})
         sent = time.perf_counter()
-        counts[room] += 1
+        counts[room] = data["id"] if spec.get("modern") else counts[room] + 1
         message_id, expected = data["id"], per_room[room]
         receivers.wait_for(lambda: len(receivers.arrivals.get(message_id, ())) >= expected)  # noqa: B023
         latencies.extend((t - sent) * 1000 for t in receivers.arrivals[message_id])

@@ -66,6 +66,27 @@ FIGURES = [
     ("rss", "RSS idle / with waiting receivers", "<= 35 MB / <= 50 MB"),
     ("start", "Process start to first answered request", "<= 0.5 s"),
     ("idle_cpu", "CPU used by an idle server over 60 s", "<= 0.2 s"),
+    # Today's chat (issue 12)
+    (
+        "receive_cost_v2",
+        "Modern receive (lookIntoFuture) at the end of a room, big vs 1,000 messages",
+        "ratio <= 1.2",
+    ),
+    (
+        "wake_v2",
+        "Wake-up latency of future long-polls (lookIntoFuture=1)",
+        "median <= 3 ms, p99 <= 20 ms",
+    ),
+    (
+        "post_chat_v2",
+        "POST /chat with mentions and a reply requests/s, ratio to baseline",
+        ">= 0.3",
+    ),
+    (
+        "get_room_v4_50",
+        "GET /api/v4/room for a user in 50 rooms with unread messages, ratio to baseline",
+        ">= 0.5",
+    ),
 ]
 
 
@@ -353,28 +374,41 @@ class Bench:
         answers = sum(r["answers"] for r in results)
         return ok / s.load_seconds, cpu * 1000 / max(answers, 1), errors
 
-    def receive_cost(self, port, small_token, big_token) -> dict:
-        """Median time of an empty receive at the end of each room, batch by batch."""
+    def receive_cost(self, port, small_token, big_token, modern=False) -> dict:
+        """Median time of an empty receive at the end of each room, batch by batch:
+        the 2018 form at offset <count>, or today's future form after the newest
+        message (`modern`, answered 304)."""
         s = self.s
         client = Http(port, "hist", PASSWORD)
+        ends = {small_token: s.small_room, big_token: s.big_room}
+        if modern:
+            for token in ends:
+                newest = client.ocs(
+                    "GET", f"/chat/{token}", {"lookIntoFuture": 0, "limit": 1, "timeout": 0}
+                )
+                ends[token] = newest[0]["id"]
 
-        def timed(token, offset):
+        def timed(token, end):
+            if modern:
+                params, expected = {"lookIntoFuture": 1, "lastKnownMessageId": end, "timeout": 0}, 304
+            else:
+                params, expected = {"offset": end, "timeout": 0}, 200
             began = time.perf_counter()
-            status, body = client.raw("GET", f"/chat/{token}", {"offset": offset, "timeout": 0})
+            status, body = client.raw("GET", f"/chat/{token}", params)
             elapsed = time.perf_counter() - began
-            if status != 200 or json.loads(body)["ocs"]["data"] != []:
+            if status != expected or (not modern and json.loads(body)["ocs"]["data"] != []):
                 raise RuntimeError(f"receive at the end of a room: HTTP {status} {body[:200]!r}")
             return elapsed
 
         for _ in range(20):  # warm caches and the credential cache
-            timed(small_token, s.small_room)
-            timed(big_token, s.big_room)
+            timed(small_token, ends[small_token])
+            timed(big_token, ends[big_token])
         ratios, smalls, bigs = [], [], []
         for _ in range(s.receive_batches):
             small, big = [], []
             for _ in range(s.receive_per_batch):
-                small.append(timed(small_token, s.small_room))
-                big.append(timed(big_token, s.big_room))
+                small.append(timed(small_token, ends[small_token]))
+                big.append(timed(big_token, ends[big_token]))
             smalls.append(statistics.median(small))
             bigs.append(statistics.median(big))
             ratios.append(bigs[-1] / smalls[-1])
@@ -386,22 +420,37 @@ class Bench:
         }
 
     def fill_room(self, token, count, user):
-        """Insert `count` messages straight into SQLite (the server is stopped)."""
+        """Insert `count` comments straight into SQLite (the server is stopped),
+        after what the room has, keeping the room's chat counters."""
         conn = sqlite3.connect(self.db)
         try:
-            room_id = conn.execute("SELECT id FROM rooms WHERE token = ?", (token,)).fetchone()[0]
+            room_id, last_seq, last_legacy = conn.execute(
+                "SELECT id, last_seq, last_legacy_seq FROM rooms WHERE token = ?", (token,)
+            ).fetchone()
             first = int(time.time()) - count // 10 - 60
             rows = (
-                (room_id, seq, "users", user, first + seq // 10, f"history message {seq}")
-                for seq in range(1, count + 1)
+                (room_id, last_seq + n, last_legacy + n, "users", user, first + n // 10,
+                 f"history message {n}")
+                for n in range(1, count + 1)
             )
             with conn:
                 conn.executemany(
                     """
-                    INSERT INTO messages (room_id, seq, actor_type, actor_id, timestamp, message)
-                    VALUES (?, ?, ?, ?, ?, ?)
+                    INSERT INTO messages (room_id, seq, legacy_seq, actor_type, actor_id,
+                                          timestamp, message)
+                    VALUES (?, ?, ?, ?, ?, ?, ?)
                     """,
                     rows,
+                )
+                conn.execute(
+                    """
+                    UPDATE rooms
+                       SET last_seq = last_seq + ?, last_legacy_seq = last_legacy_seq + ?,
+                           last_message_id = (SELECT max(id) FROM messages WHERE room_id = ?),
+                           last_message_time = max(last_message_time, ?)
+                     WHERE id = ?
+                    """,
+                    (count, count, room_id, first + count // 10, room_id),
                 )
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
@@ -481,12 +530,37 @@ def room_lists(bench: Bench, s: Settings, talk, base, rows: dict, load: str):
         }
 
 
+def unread_list(bench: Bench, s: Settings, talk, base, rows: dict, load: str):
+    """Today's room list for a user in 50 rooms, each with unread messages and a
+    mention: unread counts come from counters, so this stays near the 20-room list."""
+    server_rates, base_rates, ratios, failed = [], [], [], 0
+    for _ in range(s.pairs):
+        server_rate, _, server_errors = bench.throughput(
+            talk, "GET", "/room", user="many", prefix=V4_PREFIX
+        )
+        base_rate, _, base_errors = bench.throughput(base, "GET", "/room", user="many")
+        failed += server_errors + base_errors
+        server_rates.append(server_rate)
+        base_rates.append(base_rate)
+        ratios.append(server_rate / base_rate)
+    ratio = statistics.median(ratios)
+    rows["get_room_v4_50"] = {
+        "conditions": f"{load}, {s.load_seconds:g} s x {s.pairs} pairs, 64 threads, "
+        "3 unread messages with a mention in each room",
+        "measured": f"{ratio:.2f} ({statistics.median(server_rates):.0f} vs "
+        f"{statistics.median(base_rates):.0f} req/s)"
+        + (f", {failed} failed answers" if failed else ""),
+        "ok": ratio >= 0.5,
+    }
+
+
 def phases(bench: Bench, s: Settings, rows: dict, errors: list):
-    for user in ("bench", "poll", "hist", "lists"):
+    for user in ("bench", "poll", "hist", "lists", "many", "owner1", "owner2"):
         bench.cli("user", "add", user, "--password", PASSWORD)
 
     # Phase 1: the default server (64 threads) and the baseline, side by side.
-    keys = ("rss", "idle_cpu", "get_room", "get_room_20", "get_room_v4", "post_chat", "send")
+    keys = ("rss", "idle_cpu", "get_room", "get_room_20", "get_room_v4", "post_chat", "send",
+            "post_chat_v2", "get_room_v4_50")
     idle_kb = None
     with phase("default server", errors, rows, *keys):
         talk = bench.start_talk()
@@ -512,9 +586,28 @@ def phases(bench: Bench, s: Settings, rows: dict, errors: list):
             "ok": idle_cpu <= 0.2,
         }
 
+        # Today's chat, set up after the idle figures so that they stay comparable.
+        # Two owners: one user may create at most 30 rooms a minute.
+        for owner in ("owner1", "owner2"):
+            unread = bench.create_rooms(talk.port, owner, 25, "Unread", members=("many",))
+            writer = Http(talk.port, owner, PASSWORD)
+            for token in unread:  # unread messages for "many" in every room
+                for n in range(3):
+                    writer.ocs("POST", f"/chat/{token}", {"message": f"@many unread {n}"})
+            writer.close()
+        replied = Http(talk.port, "bench", PASSWORD).ocs(
+            "POST", f"/chat/{bench_rooms[0]}", {"message": "reply to me", "referenceId": "bench"}
+        )["id"]
+        login(talk.port, "many")
         loads = {
             "get_room": ("GET", "/room", None),
             "post_chat": ("POST", f"/chat/{bench_rooms[0]}", {"message": "benchmark message"}),
+            "post_chat_v2": (
+                "POST",
+                f"/chat/{bench_rooms[0]}",
+                {"message": "@poll and @\"bench\", see this", "replyTo": replied,
+                 "referenceId": "b" * 64, "silent": "false"},
+            ),
         }
         rates = {key: ([], [], [], [], []) for key in loads}
         failed = 0
@@ -532,12 +625,13 @@ def phases(bench: Bench, s: Settings, rows: dict, errors: list):
                 ):
                     values.append(value)
         load = f"{s.client_processes} client processes x {s.connections} keep-alive connections"
-        for key, target in (("get_room", 0.5), ("post_chat", 0.35)):
+        for key, target in (("get_room", 0.5), ("post_chat", 0.35), ("post_chat_v2", 0.3)):
             server_rates, base_rates, ratios, server_cpus, base_cpus = rates[key]
             ratio = statistics.median(ratios)
             rows[key] = {
                 "conditions": f"{load}, {s.load_seconds:g} s x {s.pairs} pairs, 64 threads"
-                + (", user in 3 rooms" if key == "get_room" else ", durability full"),
+                + (", user in 3 rooms" if key == "get_room" else ", durability full")
+                + (", 2 mentions and a reply" if key == "post_chat_v2" else ""),
                 "measured": f"{ratio:.2f} ({statistics.median(server_rates):.0f} vs "
                 f"{statistics.median(base_rates):.0f} req/s; server CPU "
                 f"{statistics.median(server_cpus):.2f} vs {statistics.median(base_cpus):.2f} ms/req)"
@@ -545,6 +639,7 @@ def phases(bench: Bench, s: Settings, rows: dict, errors: list):
                 "ok": ratio >= target,
             }
         room_lists(bench, s, talk, base, rows, load)
+        unread_list(bench, s, talk, base, rows, load)
         bench.stop(base)
 
         receivers = DEFAULT_THREADS + 20
@@ -580,7 +675,7 @@ def phases(bench: Bench, s: Settings, rows: dict, errors: list):
         time.sleep(0.5)
 
     # Phase 2: enough threads for every receiver to wait.
-    with phase("wake-up", errors, rows, "wake", "rss"):
+    with phase("wake-up", errors, rows, "wake", "rss", "wake_v2"):
         talk = bench.start_talk(threads=s.wake_threads)
         talk.wait_ready()
         login(talk.port, "poll")  # once, so the receivers find their password cached
@@ -611,6 +706,35 @@ def phases(bench: Bench, s: Settings, rows: dict, errors: list):
             "ok": median <= 3 and p99 <= 20,
         }
         waiting_kb = max(result["rss_kb"])
+        (modern,) = bench.clients(
+            [
+                {
+                    "mode": "wake",
+                    "modern": True,
+                    "port": talk.port,
+                    "user": "poll",
+                    "password": PASSWORD,
+                    "tokens": wake_rooms,
+                    "offsets": [0] * s.wake_rooms,
+                    "receivers": s.wake_receivers,
+                    "sends": s.wake_sends,
+                    "first_settle": 0.5,
+                    "settle": 0.1,
+                    "server_pid": talk.pid,
+                }
+            ],
+            timeout=300,
+        )
+        latencies = modern["latencies_ms"]
+        median, p99 = statistics.median(latencies), percentile(latencies, 0.99)
+        rows["wake_v2"] = {
+            "conditions": f"--threads {s.wake_threads}, {s.wake_receivers} receivers in "
+            f"{s.wake_rooms} rooms polling lookIntoFuture=1, {s.wake_sends} sends, "
+            f"{len(latencies)} samples",
+            "measured": f"median {median:.2f} ms, p99 {p99:.2f} ms (max {max(latencies):.1f} ms)"
+            + (f", {modern['errors']} failed polls" if modern["errors"] else ""),
+            "ok": median <= 3 and p99 <= 20,
+        }
         if idle_kb is not None:
             rows["rss"] = {
                 "conditions": f"idle: --threads {DEFAULT_THREADS} after 3 logins; waiting: "
@@ -621,7 +745,7 @@ def phases(bench: Bench, s: Settings, rows: dict, errors: list):
         bench.stop(talk)
 
     # Phase 3: a big room and a small one, filled with the server stopped.
-    with phase("receive cost", errors, rows, "receive_cost"):
+    with phase("receive cost", errors, rows, "receive_cost", "receive_cost_v2"):
         bench.fill_room(hist_rooms[0], s.small_room, "hist")
         bench.fill_room(hist_rooms[1], s.big_room, "hist")
         talk = bench.start_talk()
@@ -632,6 +756,14 @@ def phases(bench: Bench, s: Settings, rows: dict, errors: list):
             f"{s.small_room:,} messages, {s.receive_batches} x {s.receive_per_batch} each",
             "measured": f"{cost['ratio']:.2f} ({cost['big_ms']:.2f} ms vs {cost['small_ms']:.2f} ms)",
             "ok": cost["ratio"] <= 1.5,
+        }
+        cost = bench.receive_cost(talk.port, hist_rooms[0], hist_rooms[1], modern=True)
+        rows["receive_cost_v2"] = {
+            "conditions": "GET /chat?lookIntoFuture=1&lastKnownMessageId=<newest>&timeout=0 "
+            f"(304), {s.big_room:,} vs {s.small_room:,} messages, "
+            f"{s.receive_batches} x {s.receive_per_batch} each",
+            "measured": f"{cost['ratio']:.2f} ({cost['big_ms']:.2f} ms vs {cost['small_ms']:.2f} ms)",
+            "ok": cost["ratio"] <= 1.2,
         }
         bench.stop(talk)
 

@@ -34,6 +34,7 @@ SECTIONS = {
     id(talk_server.USER_STATUS_ROUTES): "## What is implemented",
     id(talk_server.AUTOCOMPLETE_ROUTES): "## What is implemented",
     id(talk_server.ROUTES_V4): "### Today's API: conversations and participants (v4)",
+    id(talk_server.CHAT_ROUTES): "### Chat on today's API",
 }
 
 
