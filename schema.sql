@@ -252,6 +252,34 @@ CREATE TABLE poll_votes (
     PRIMARY KEY (poll_id, actor_type, actor_id, option_id)
 ) WITHOUT ROWID;
 
+-- Bots (spreed docs/bots.md): webhook bots an administrator installs from
+-- the command line. url_hash is sha1(url), so a bot writes as actor
+-- bots/bot-<url_hash>; state 0 disabled, 1 enabled, 2 no setup by moderators;
+-- features a bit mask: 1 webhook, 2 response, 4 event, 8 reaction.
+CREATE TABLE bots (
+    id                 INTEGER PRIMARY KEY,
+    name               TEXT NOT NULL,
+    url                TEXT NOT NULL,
+    url_hash           TEXT NOT NULL UNIQUE,
+    description        TEXT NOT NULL DEFAULT '',
+    secret             TEXT NOT NULL UNIQUE,
+    error_count        INTEGER NOT NULL DEFAULT 0,
+    last_error_date    INTEGER NOT NULL DEFAULT 0,
+    last_error_message TEXT,
+    state              INTEGER NOT NULL DEFAULT 1 CHECK (state IN (0, 1, 2)),
+    features           INTEGER NOT NULL DEFAULT 3
+);
+
+-- The conversations each bot is set up in (moderators, or bot setup).
+CREATE TABLE bot_conversations (
+    bot_id  INTEGER NOT NULL REFERENCES bots (id) ON DELETE CASCADE,
+    room_id INTEGER NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+    state   INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (bot_id, room_id)
+) WITHOUT ROWID;
+
+CREATE INDEX bot_conversations_by_room ON bot_conversations (room_id);
+
 -- Signaling: messages queued for a session until it polls them. They go with
 -- either session (SPEC 7) and expire after five minutes.
 CREATE TABLE signaling (

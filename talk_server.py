@@ -22,7 +22,8 @@ Sections of this module, in order:
     helpers (multipart too) . long-poll notifier . avatar images (font, PNG
     writer, upload and emoji checks) . room operations . routes, one section
     per API generation (v1: room management, participant management, call
-    management, chat, signaling; v4: conversations, participants),
+    management, chat, signaling; v3: signaling; v4: calls, conversations,
+    participants),
     sign-in for apps, avatars, user status, user search, capabilities and
     accounts . app factory . serving . command line
 """
@@ -38,11 +39,13 @@ import gc
 import getpass
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import re
 import secrets
 import signal
+import socket
 import sqlite3
 import struct
 import sys
@@ -52,7 +55,7 @@ import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import bottle
 import waitress
@@ -67,6 +70,7 @@ import waitress.wasyncore
 # compile at start.
 SPREED_PREFIX = "/ocs/v<ocs:re:[12]>.php/apps/spreed/api"
 API_PREFIX = SPREED_PREFIX + "/v1"
+API_V3_PREFIX = SPREED_PREFIX + "/v3"
 API_V4_PREFIX = SPREED_PREFIX + "/v4"
 CLOUD_PREFIX = "/ocs/v<ocs:re:[12]>.php/cloud"
 USER_STATUS_PREFIX = "/ocs/v<ocs:re:[12]>.php/apps/user_status/api/v1"
@@ -101,6 +105,12 @@ TOKEN_ALPHABET = "abcdefghijkmnopqrstuvwxyz23456789"
 IN_CALL = 1  # bit of sessions.in_call
 # In-call flags (sessions.in_call, an integer on today's routes)
 FLAG_IN_CALL, FLAG_AUDIO, FLAG_VIDEO, FLAG_PHONE = 1, 2, 4, 8
+CALL_FLAGS_ALL = FLAG_IN_CALL | FLAG_AUDIO | FLAG_VIDEO | FLAG_PHONE
+CALL_FLAGS_DEFAULT = FLAG_IN_CALL | FLAG_AUDIO | FLAG_VIDEO  # POST /call without flags
+# No ping (today's API): chat and signaling requests keep a session alive; one
+# not seen for this long has left the call (a signaling poll waits 30 s, plus
+# slack, as spreed's usersInRoom window).
+CALL_TIMEOUT_SECONDS = 40
 DEVICE_COOKIE = "talk_device"  # names a client's sessions on today's routes
 
 # Permissions (docs/constants.md): a custom set carries bit 1; 0 is "the default"
@@ -132,6 +142,22 @@ EDIT_MAX_AGE = 24 * 3600  # own messages may be edited for a day
 DELETE_MAX_AGE = 6 * 3600  # and deleted for six hours
 REACTION_MAX = 16  # characters of one reaction (an emoji with its modifiers)
 GUEST_NAME_MAX = 64
+
+# Bots (spreed docs/bots.md, lib/Model/Bot.php): states, feature bits and
+# the limits of talk:bot:install (BotService::validateBotParameters)
+BOT_DISABLED, BOT_ENABLED, BOT_NO_SETUP = 0, 1, 2
+BOT_WEBHOOK, BOT_RESPONSE, BOT_EVENT, BOT_REACTION = 1, 2, 4, 8
+BOT_FEATURES = {"webhook": BOT_WEBHOOK, "response": BOT_RESPONSE, "event": BOT_EVENT,
+                "reaction": BOT_REACTION}
+BOT_NAME_MAX = 64  # bytes, as Talk's strlen counts
+BOT_SECRET_MIN, BOT_SECRET_MAX = 40, 128
+BOT_URL_MAX = BOT_DESCRIPTION_MAX = 4000
+BOT_RANDOM_MIN = 32  # X-Nextcloud-Talk-Bot-Random of a bot's request
+WEBHOOK_RANDOM_LENGTH = 64  # X-Nextcloud-Talk-Random of ours
+WEBHOOK_TIMEOUT = 5  # seconds a bot has to answer; no retry (as Talk)
+WEBHOOK_QUEUE_MAX = 64  # deliveries waiting; more are dropped and counted as errors
+WEBHOOK_WORKERS = 2  # threads delivering, started with the first webhook
+WEBHOOK_BATCH = 100  # new messages one look hands to the bots
 MENTIONS_LIMIT_DEFAULT = 20
 POLL_PUBLIC, POLL_HIDDEN = 0, 1
 POLL_OPEN, POLL_CLOSED = 0, 1
@@ -184,6 +210,13 @@ FEATURES = FEATURES_2018 + [
     "clear-history",
     "reactions",
     "talk-polls",
+    "signaling-v3",
+    "no-ping",
+    "in-call-flags",
+    "start-call-flag",
+    "conversation-call-flags",
+    "silent-call",  # nothing rings here, so every call is silent anyway
+    "bots-v1",  # webhook bots (docs/bots.md)
 ]
 # Today's apps refuse old servers: Android wants at least 17, Talk Desktop 27.
 NEXTCLOUD_VERSION = (31, 0, 0, 0)
@@ -304,6 +337,25 @@ class Reply:
 
 
 @dataclass
+class Shared:
+    """A 200 answer many requests reuse (room lists within a second): its
+    entry holds the data and, once encoded, the body per OCS version and format."""
+
+    entry: dict
+
+
+def shared_answer(cache: dict, key, build) -> Shared:
+    """The cached answer for `key`, else build() it; the cache stays bounded."""
+    entry = cache.get(key)
+    if entry is None:
+        entry = {"data": build()}
+        if len(cache) > 1000:
+            cache.clear()
+        cache[key] = entry
+    return Shared(entry)
+
+
+@dataclass
 class Binary:
     """An answer that is not an envelope (an image): its bytes, type and ETag."""
 
@@ -364,12 +416,14 @@ def xml_value(value):
     return xml_escape(str(value))
 
 
+CONTENT_TYPES = {"xml": "application/xml; charset=utf-8", "json": "application/json; charset=utf-8"}
+
+
 def encode(fmt, document):
     """Encode a document as JSON or XML bytes and set the content type."""
+    bottle.response.content_type = CONTENT_TYPES["xml" if fmt == "xml" else "json"]
     if fmt == "xml":
-        bottle.response.content_type = "application/xml; charset=utf-8"
         return ('<?xml version="1.0"?>\n' + xml_value(document)).encode("utf-8")
-    bottle.response.content_type = "application/json; charset=utf-8"
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -430,7 +484,8 @@ SCHEMA_VERSION = 2
 # frozen: a later schema.sql changes nothing here.
 MIGRATIONS: list[str] = [
     # 2: sign-in for apps, today's conversations, several sessions per attendee
-    # and today's chat (system messages, replies, reactions, polls, read markers).
+    # today's chat (system messages, replies, reactions, polls, read markers)
+    # and webhook bots.
     """
     ALTER TABLE users ADD COLUMN email TEXT NOT NULL DEFAULT '';
     ALTER TABLE users ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1;
@@ -609,6 +664,26 @@ MIGRATIONS: list[str] = [
         option_id  INTEGER NOT NULL,
         PRIMARY KEY (poll_id, actor_type, actor_id, option_id)
     ) WITHOUT ROWID;
+    CREATE TABLE bots (
+        id                 INTEGER PRIMARY KEY,
+        name               TEXT NOT NULL,
+        url                TEXT NOT NULL,
+        url_hash           TEXT NOT NULL UNIQUE,
+        description        TEXT NOT NULL DEFAULT '',
+        secret             TEXT NOT NULL UNIQUE,
+        error_count        INTEGER NOT NULL DEFAULT 0,
+        last_error_date    INTEGER NOT NULL DEFAULT 0,
+        last_error_message TEXT,
+        state              INTEGER NOT NULL DEFAULT 1 CHECK (state IN (0, 1, 2)),
+        features           INTEGER NOT NULL DEFAULT 3
+    );
+    CREATE TABLE bot_conversations (
+        bot_id  INTEGER NOT NULL REFERENCES bots (id) ON DELETE CASCADE,
+        room_id INTEGER NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+        state   INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (bot_id, room_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX bot_conversations_by_room ON bot_conversations (room_id);
     """,
 ]
 
@@ -1326,6 +1401,22 @@ def touch(db, participant_id: int, now: int) -> None:
     )
 
 
+def touch_session(db, session_id: str, participant_id: int, now: int) -> None:
+    """Refresh one session's lastPing and its participant's (the 2018 routes read the latter)."""
+    db.execute(
+        "UPDATE sessions SET last_ping = :now WHERE id = :id", {"id": session_id, "now": now}
+    )
+    touch(db, participant_id, now)
+
+
+def newest_session(db, me):
+    """The participant's newest session, live or not: the one the 2018 routes act on."""
+    if me is None:
+        return None
+    own = sessions_of(db, me["id"])
+    return own[0] if own else None
+
+
 def session_by_id(db, session_id: str):
     """A session with its participant and room, or None."""
     return db.execute(
@@ -1710,10 +1801,65 @@ def expire_guests(db, room_id: int, before: int) -> int:
 
 
 def set_in_call(db, session_id: str, in_call: bool) -> None:
+    set_call_flags(db, session_id, IN_CALL if in_call else 0)
+
+
+def set_call_flags(db, session_id: str, flags: int) -> None:
     db.execute(
         "UPDATE sessions SET in_call = :flags WHERE id = :id",
-        {"id": session_id, "flags": IN_CALL if in_call else 0},
+        {"id": session_id, "flags": flags},
     )
+
+
+def set_call_start(db, room_id: int, start: int) -> None:
+    """When the room's call began (0: no call)."""
+    db.execute(
+        "UPDATE rooms SET call_start_time = :start WHERE id = :room_id",
+        {"room_id": room_id, "start": start},
+    )
+
+
+def in_call_count(db, room_id: int, live_since: int) -> int:
+    """Live sessions of a room in its call."""
+    return db.execute(
+        """
+        SELECT COUNT(*)
+          FROM sessions AS s
+          JOIN participants AS p ON p.id = s.participant_id
+         WHERE p.room_id = :room_id AND s.in_call & :in_call AND s.last_ping > :since
+        """,
+        {"room_id": room_id, "in_call": FLAG_IN_CALL, "since": live_since},
+    ).fetchone()[0]
+
+
+def leave_calls(db, room_id: int, seen_before: int | None = None) -> int:
+    """Take a room's sessions out of its call: all, or those not seen since `seen_before`."""
+    return db.execute(
+        """
+        UPDATE sessions SET in_call = 0
+         WHERE in_call != 0
+           AND (:before IS NULL OR last_ping <= :before)
+           AND participant_id IN (SELECT id FROM participants WHERE room_id = :room_id)
+        """,
+        {"room_id": room_id, "before": seen_before},
+    ).rowcount
+
+
+def live_sessions(db, room_id: int, live_since: int) -> list[sqlite3.Row]:
+    """A room's sessions seen since `live_since` with their attendees, users first."""
+    return db.execute(
+        """
+        SELECT s.id AS session_id, s.in_call, s.last_ping, p.id AS participant_id,
+               p.room_id, p.user_id, p.guest_id, p.guest_name, p.participant_type,
+               p.permissions, coalesce(u.display_name, '') AS display_name
+          FROM sessions AS s
+          JOIN participants AS p ON p.id = s.participant_id
+          LEFT JOIN users AS u ON u.id = p.user_id
+         WHERE p.room_id = :room_id AND s.last_ping > :since
+         ORDER BY p.user_id IS NULL, p.user_id, p.id, s.seq
+        """,
+        {"room_id": room_id, "since": live_since},
+    ).fetchall()
 
 
 def call_peers(db, room_id: int, active_since: int) -> list[sqlite3.Row]:
@@ -1728,6 +1874,14 @@ def call_peers(db, room_id: int, active_since: int) -> list[sqlite3.Row]:
         """,
         {"room_id": room_id, "in_call": IN_CALL, "since": active_since},
     ).fetchall()
+
+
+def call_system_message(db, room_id: int, actor, verb: str, now: int) -> None:
+    """Post a call's system message: `verb` is call_started, call_joined, call_left,
+    call_ended or call_ended_everyone; `actor` the attendee row (None: the server
+    ended the call, its last session having gone quiet)."""
+    speaker = row_speaker(actor) if actor is not None else ("guests", "system", "")
+    add_system_message(db, room_id, speaker, verb, None, now)
 
 
 # --- Chat --------------------------------------------------------------------
@@ -2302,6 +2456,145 @@ def close_poll(db, poll_id: int) -> None:
     db.execute("UPDATE polls SET status = 1 WHERE id = :id", {"id": poll_id})
 
 
+# --- Bots ----------------------------------------------------------------------
+
+
+def bot_by_id(db, bot_id: int):
+    return db.execute("SELECT * FROM bots WHERE id = :id", {"id": bot_id}).fetchone()
+
+
+def bot_by_url(db, url: str):
+    return db.execute("SELECT * FROM bots WHERE url = :url", {"url": url}).fetchone()
+
+
+def list_bots(db) -> list[sqlite3.Row]:
+    return db.execute("SELECT * FROM bots ORDER BY id").fetchall()
+
+
+def add_bot(db, name, secret, url, description, state, features) -> int:
+    """Install a bot; sqlite3.IntegrityError when its URL or secret is taken."""
+    return db.execute(
+        """
+        INSERT INTO bots (name, url, url_hash, description, secret, state, features)
+        VALUES (:name, :url, :url_hash, :description, :secret, :state, :features)
+        RETURNING id
+        """,
+        {
+            "name": name,
+            "url": url,
+            "url_hash": hashlib.sha1(url.encode("utf-8")).hexdigest(),
+            "description": description,
+            "secret": secret,
+            "state": state,
+            "features": features,
+        },
+    ).fetchone()[0]
+
+
+def delete_bot(db, bot_id: int) -> None:
+    db.execute("DELETE FROM bots WHERE id = :id", {"id": bot_id})
+
+
+def set_bot_state(db, bot_id: int, state: int, features=None) -> None:
+    db.execute(
+        """
+        UPDATE bots
+           SET state = :state, features = coalesce(:features, features)
+         WHERE id = :id
+        """,
+        {"id": bot_id, "state": state, "features": features},
+    )
+
+
+def count_bot_error(db, bot_id: int, now: int, message: str) -> None:
+    """A webhook the bot did not take: error_count, last_error_date/_message."""
+    db.execute(
+        """
+        UPDATE bots
+           SET error_count = error_count + 1, last_error_date = :now,
+               last_error_message = :message
+         WHERE id = :id
+        """,
+        {"id": bot_id, "now": now, "message": message},
+    )
+
+
+def bots_in_room(db, room_id: int) -> list[sqlite3.Row]:
+    """The bots set up in a room and not disabled (Bot::isEnabled), by id."""
+    return db.execute(
+        """
+        SELECT b.*
+          FROM bot_conversations AS c
+          JOIN bots AS b ON b.id = c.bot_id
+         WHERE c.room_id = :room_id AND c.state != 0 AND b.state != 0
+         ORDER BY b.id
+        """,
+        {"room_id": room_id},
+    ).fetchall()
+
+
+def bot_ids_in_room(db, room_id: int) -> set[int]:
+    """Every bot set up in a room, whatever its state."""
+    rows = db.execute(
+        "SELECT bot_id FROM bot_conversations WHERE room_id = :room_id",
+        {"room_id": room_id},
+    )
+    return {row[0] for row in rows}
+
+
+def link_bot(db, bot_id: int, room_id: int) -> bool:
+    """Set a bot up in a room; False when it already was."""
+    return db.execute(
+        """
+        INSERT OR IGNORE INTO bot_conversations (bot_id, room_id, state)
+        VALUES (:bot_id, :room_id, 1)
+        """,
+        {"bot_id": bot_id, "room_id": room_id},
+    ).rowcount == 1
+
+
+def unlink_bot(db, bot_id: int, room_id: int) -> bool:
+    """Remove a bot from a room; False when it was not set up there."""
+    return db.execute(
+        "DELETE FROM bot_conversations WHERE bot_id = :bot_id AND room_id = :room_id",
+        {"bot_id": bot_id, "room_id": room_id},
+    ).rowcount == 1
+
+
+def rooms_with_bots(db) -> list[sqlite3.Row]:
+    """(id, last_seq) of every room some bot is set up in."""
+    return db.execute(
+        """
+        SELECT r.id, r.last_seq
+          FROM rooms AS r
+         WHERE r.id IN (SELECT room_id FROM bot_conversations)
+        """
+    ).fetchall()
+
+
+def messages_since(db, room_id: int, seq: int, limit: int) -> list[sqlite3.Row]:
+    """A room's messages after seq `seq`, oldest first (what bots have not seen)."""
+    return db.execute(
+        f"""
+        SELECT {MESSAGE_COLUMNS}
+          FROM messages AS m
+          LEFT JOIN users AS u ON u.id = m.actor_id
+         WHERE m.room_id = :room_id AND m.seq > :seq
+         ORDER BY m.seq
+         LIMIT :limit
+        """,
+        {"room_id": room_id, "seq": seq, "limit": limit},
+    ).fetchall()
+
+
+def participant_type_of(db, room_id: int, user_id: str) -> int | None:
+    row = db.execute(
+        "SELECT participant_type FROM participants WHERE room_id = :room_id AND user_id = :user_id",
+        {"room_id": room_id, "user_id": user_id},
+    ).fetchone()
+    return None if row is None else row[0]
+
+
 # --- Signaling ---------------------------------------------------------------
 
 
@@ -2765,6 +3058,11 @@ def effective_permissions(room, row) -> int:
         return PERMISSIONS_ALL
     if row["permissions"] & PERM_CUSTOM:
         return row["permissions"]
+    return default_permissions(room)
+
+
+def default_permissions(room) -> int:
+    """What attendees without a custom set may do: the room's default set, else the default."""
     if room["default_permissions"] & PERM_CUSTOM:
         return room["default_permissions"]
     return PERMISSIONS_DEFAULT_SET
@@ -2906,6 +3204,13 @@ def mentioned(mine, column, unread, room) -> bool:
     return mine[column] > mine["last_read_message"]
 
 
+def call_flags_now(session, now) -> int:
+    """A session's in-call flags, 0 once it has not been seen for CALL_TIMEOUT_SECONDS (no ping)."""
+    if not session["in_call"] & FLAG_IN_CALL or session["last_ping"] <= now - CALL_TIMEOUT_SECONDS:
+        return 0
+    return session["in_call"]
+
+
 def attendee_actor(row) -> tuple[str, str]:
     if row["user_id"] is not None:
         return "users", row["user_id"]
@@ -2925,11 +3230,9 @@ def conversation_json(room, rows, sessions, viewer, my_session, extras, now) -> 
          or (viewer.guest_id is not None and r["guest_id"] == viewer.guest_id)),
         None,
     )
-    live = [s for s in sessions if s["last_ping"] > now - ACTIVE_SECONDS]
     flags = 0
-    for session in live:
-        if session["in_call"] & FLAG_IN_CALL:
-            flags |= session["in_call"]
+    for session in sessions:
+        flags |= call_flags_now(session, now)
     permissions = effective_permissions(room, mine)
     moderator = mine is not None and mine["participant_type"] in MODERATOR_TYPES
     users = [r for r in rows if r["user_id"] is not None]
@@ -2963,7 +3266,7 @@ def conversation_json(room, rows, sessions, viewer, my_session, extras, now) -> 
         "participantType": mine["participant_type"] if mine is not None else 0,
         "sessionId": my_session["id"] if my_session is not None else "0",
         "lastPing": mine["last_ping"] if mine is not None else 0,
-        "participantFlags": my_session["in_call"] if my_session is not None else 0,
+        "participantFlags": call_flags_now(my_session, now) if my_session is not None else 0,
         "permissions": permissions,
         "attendeePermissions": mine["permissions"] if mine is not None else 0,
         "callPermissions": room["call_permissions"],
@@ -3012,10 +3315,9 @@ def attendee_json(room, row, sessions, now) -> dict:
     """An attendee of GET /api/v4/room/{token}/participants (openapi Participant)."""
     actor_type, actor_id = attendee_actor(row)
     mine = [s for s in sessions if s["participant_id"] == row["id"]]
-    live = [s for s in mine if s["last_ping"] > now - ACTIVE_SECONDS]
     in_call = 0
-    for session in live:
-        in_call |= session["in_call"]
+    for session in mine:
+        in_call |= call_flags_now(session, now)
     if row["user_id"] is not None:
         name = row["display_name"]
     else:
@@ -3152,6 +3454,163 @@ def autocomplete_group_json(group_id: str) -> dict:
         "subline": "",
         "shareWithDisplayNameUnique": "",
     }
+
+
+def call_peer_v4_json(row, token) -> dict:
+    """A session in the call (openapi CallPeer), from live_sessions."""
+    actor_type, actor_id = attendee_actor(row)
+    return {
+        "actorType": actor_type,
+        "actorId": actor_id,
+        "displayName": row["display_name"] if row["user_id"] is not None else row["guest_name"],
+        "lastPing": row["last_ping"],
+        "sessionId": row["session_id"],
+        "token": token,
+    }
+
+
+def signaling_session_json(room, row, now) -> dict:
+    """A session of usersInRoom on signaling v3 (openapi SignalingSession): `inCall` is
+    the integer flags (the Android app casts it to a long; a boolean breaks it)."""
+    actor_type, actor_id = attendee_actor(row)
+    return {
+        "userId": row["user_id"] or "",
+        "roomId": room["id"],
+        "lastPing": row["last_ping"],
+        "sessionId": row["session_id"],
+        "inCall": call_flags_now(row, now),
+        "participantPermissions": effective_permissions(room, row),
+        "actorType": actor_type,
+        "actorId": actor_id,
+    }
+
+
+# --- Bots and their webhooks (docs/bots.md, lib/Service/ActivityPubHelper.php) --
+
+
+def php_json(value) -> str:
+    """JSON as PHP's json_encode writes it (compact, \\uXXXX, escaped slashes):
+    the webhook bodies byte for byte as Talk sends them."""
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":")).replace("/", "\\/")
+
+
+def bot_signature(secret: str, random: str, text: str) -> str:
+    """Hex HMAC-SHA256 over random + text with the bot's secret (both directions)."""
+    return hmac.new(secret.encode("utf-8"), (random + text).encode("utf-8"), "sha256").hexdigest()
+
+
+def bot_actor_id(bot) -> str:
+    """How a bot writes in the chat (Attendee::ACTOR_BOT_PREFIX + sha1 of its URL)."""
+    return "bot-" + bot["url_hash"]
+
+
+def bot_display_name(bot) -> str:
+    return f"{bot['name']} (Bot)"
+
+
+def feature_labels(flags: int) -> str:
+    """Bot::featureFlagsToLabels: "webhook, response", or "none"."""
+    labels = [label for label, flag in BOT_FEATURES.items() if flags & flag]
+    return ", ".join(labels) or "none"
+
+
+def bot_json(bot, enabled_here: bool) -> dict | None:
+    """A bot as a conversation's moderators see it (BotController::formatBot):
+    None for a no-setup bot that is not set up here."""
+    state = BOT_ENABLED if enabled_here else BOT_DISABLED
+    if bot["state"] == BOT_NO_SETUP:
+        if not enabled_here:
+            return None
+        state = BOT_NO_SETUP
+    return {"id": bot["id"], "name": bot["name"], "description": bot["description"],
+            "state": state}
+
+
+def bot_admin_json(bot, secret=False) -> dict:
+    """A bot with its details (BotServer::jsonSerialize), the secret only on request."""
+    answer = {
+        "id": bot["id"],
+        "name": bot["name"],
+        "url": bot["url"],
+        "url_hash": bot["url_hash"],
+        "description": bot["description"],
+        "secret": bot["secret"],
+        "error_count": bot["error_count"],
+        "last_error_date": bot["last_error_date"],
+        "last_error_message": bot["last_error_message"],
+        "state": bot["state"],
+        "features": bot["features"],
+    }
+    if not secret:
+        del answer["secret"]
+    return answer
+
+
+def as_application(bot) -> dict:
+    return {"type": "Application", "id": "bots/" + bot_actor_id(bot), "name": bot["name"]}
+
+
+def as_collection(room) -> dict:
+    return {"type": "Collection", "id": room["token"], "name": room["name"]}
+
+
+def as_person(row, participant_type=None) -> dict:
+    """The author of a message (generatePersonFromMessageActor), with the
+    attendee's participant type as a string when known (FromAttendee)."""
+    person = {"type": "Person", "id": f"{row['actor_type']}/{row['actor_id']}",
+              "name": message_actor_name(row)}
+    if participant_type is not None:
+        person["talkParticipantType"] = str(participant_type)
+    return person
+
+
+def as_note(row, token, name) -> dict:
+    """A message as a Note: its id as a string, its text and rich objects as
+    the JSON string `content` (generateNote)."""
+    shown = chat_message_json(row, token, with_parent=False)
+    content = {"message": shown["message"], "parameters": shown["messageParameters"]}
+    return {"type": "Note", "id": str(row["id"]), "name": name,
+            "content": php_json(content), "mediaType": "text/markdown"}
+
+
+def webhook_create(room, row, participant_type, parent=None) -> dict:
+    """Create: a user or guest wrote a message (BotService::afterChatMessageSent)."""
+    note = as_note(row, room["token"], "message")
+    if parent is not None:
+        note["inReplyTo"] = {"type": "Note", "actor": as_person(parent),
+                             "object": as_note(parent, room["token"], "message")}
+    return {"type": "Create", "actor": as_person(row, participant_type), "object": note,
+            "target": as_collection(room)}
+
+
+def webhook_activity(room, row) -> dict:
+    """Activity: a system message, named by its verb (afterSystemMessageSent)."""
+    return {"type": "Activity", "actor": as_person(row),
+            "object": as_note(row, room["token"], row["verb"]), "target": as_collection(room)}
+
+
+def webhook_like(room, row, reactor, reaction) -> dict:
+    """Like: `reactor` (actor_type, actor_id, name) reacted to a message.
+
+    Talk 21's code names the message's author as the actor while its
+    documentation says the one who reacted; a bot needs the latter.
+    """
+    actor_type, actor_id, name = reactor
+    return {"type": "Like", "actor": {"type": "Person", "id": f"{actor_type}/{actor_id}",
+                                      "name": name},
+            "object": as_note(row, room["token"], "message"), "target": as_collection(room),
+            "content": reaction}
+
+
+def webhook_undo(room, row, reactor, reaction) -> dict:
+    """Undo: the Like of a reaction that was taken back (afterReactionRemoved)."""
+    like = webhook_like(room, row, reactor, reaction)
+    return {"type": "Undo", "actor": like["actor"], "object": like, "target": like["target"]}
+
+
+def webhook_membership(room, bot, kind) -> dict:
+    """Join or Leave: the bot was set up in a conversation or removed from it."""
+    return {"type": kind, "actor": as_application(bot), "object": as_collection(room)}
 
 
 # ---------------------------------------------------------------------------
@@ -3550,6 +4009,13 @@ class Call:
         if not isinstance(value, Upload):
             fail(400, f"Parameter {name} must be a file (send multipart/form-data)")
         return value
+
+    def own_session(self, db, me):
+        """The caller's session among its attendee row's: the one its device cookie
+        names, else its newest live one (SPEC 11); None without either."""
+        if me is None:
+            return None
+        return device_session(sessions_of(db, me["id"]), self.device(), self.now - ACTIVE_SECONDS)
 
     def guest_id(self) -> str:
         """The guest's cookie hash, setting a new cookie when it has none."""
@@ -3954,6 +4420,246 @@ def session_key(session_id):
 
 
 # ---------------------------------------------------------------------------
+# Bot webhooks: a small bounded queue, delivered off the request thread
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Delivery:
+    """One signed POST to one bot, waiting in the queue."""
+
+    bot_id: int
+    url: str
+    secret: str
+    body: str
+    backend: str
+
+
+def post_webhook(delivery: Delivery, timeout: float, track=None) -> str | None:
+    """POST a webhook as BotService::sendAsyncRequest does; the error (counted
+    by the caller) or None when the bot answered 200 or 202.
+
+    `track(connection)` is told of the connection while it is open (and
+    `track(None)` after), so that closing the app can cut a hanging bot off.
+    """
+    import http.client  # here: it imports the email package, which a server without bots never needs
+
+    parts = urlsplit(delivery.url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    random = new_secret(WEBHOOK_RANDOM_LENGTH)
+    body = delivery.body.encode("utf-8")
+    headers = {
+        "Content-Type": "application/json",
+        "X-Nextcloud-Talk-Random": random,
+        "X-Nextcloud-Talk-Signature": bot_signature(delivery.secret, random, delivery.body),
+        "X-Nextcloud-Talk-Backend": delivery.backend,
+        "OCS-APIRequest": "true",
+        "User-Agent": f"talk-server/{__version__}",
+    }
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        connection = connection_class(parts.hostname or "", parts.port, timeout=timeout)
+    except (ValueError, http.client.HTTPException) as error:  # a port out of range, say
+        return f"{type(error).__name__}: {error}"
+    try:
+        if track is not None:
+            track(connection)
+        connection.request("POST", path, body, headers)
+        status = connection.getresponse().status
+    except (OSError, http.client.HTTPException) as error:
+        return f"{type(error).__name__}: {error}"
+    finally:
+        if track is not None:
+            track(None)
+        connection.close()
+    if status not in (200, 202):
+        return f"UnexpectedStatusCode: {status}"
+    return None
+
+
+def backend_url(talk) -> str:
+    """X-Nextcloud-Talk-Backend: the public URL, else the one this request came to."""
+    if talk.public_url:
+        return talk.public_url.rstrip("/") + "/"
+    try:
+        environ = bottle.request.environ
+    except RuntimeError:  # outside a request
+        return f"http://{DEFAULT_HOST}:{DEFAULT_PORT}/"
+    return base_url(environ) + "/"
+
+
+def receives_http(bot, feature: int) -> bool:
+    """Whether a bot gets webhooks of `feature` (0: Join and Leave, for any bot).
+    Event bots are Nextcloud apps listening to PHP events: none here."""
+    return not bot["features"] & BOT_EVENT and (feature == 0 or bool(bot["features"] & feature))
+
+
+class Webhooks:
+    """Tells the bots of a conversation what happens in it.
+
+    The request thread that changed something builds the webhooks and queues
+    them; WEBHOOK_WORKERS threads, started with the first, POST them with a
+    timeout. A slow or dead bot holds one worker, never a request; when the
+    queue is full, the webhook is dropped and counted as the bot's error.
+
+    Which messages a bot has not seen yet: for each conversation with bots,
+    the seq of the last message looked at. Whatever wrote a message (a send,
+    a system message of any room operation), the next chat_posted or
+    room_changed hands everything after that seq to the bots, once.
+    """
+
+    def __init__(self, talk, timeout=WEBHOOK_TIMEOUT, queue_max=WEBHOOK_QUEUE_MAX,
+                 workers=WEBHOOK_WORKERS):
+        self.talk = talk
+        self.timeout = timeout
+        self.queue_max = queue_max
+        self.workers = workers
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Delivery] = collections.deque()
+        self._threads: list[threading.Thread] = []
+        self._open: dict[int, object] = {}  # worker thread id -> its open connection
+        self._pending = 0  # queued or being delivered
+        self.closed = False
+        self._look = threading.Lock()
+        with talk.db.read() as db:
+            self._seen = {row["id"]: row["last_seq"] for row in rooms_with_bots(db)}
+
+    # --- What happened --------------------------------------------------------
+
+    def posted(self, room_id, rows=()) -> None:
+        """Messages were committed in a room: Create and Activity for its bots."""
+        try:
+            with self.talk.db.read() as db:
+                bots = [bot for bot in bots_in_room(db, room_id) if receives_http(bot, BOT_WEBHOOK)]
+                if not bots:
+                    with self._look:
+                        self._seen.pop(room_id, None)
+                    return
+                room = room_by_id(db, room_id)
+                with self._look:
+                    since = self._seen.get(room_id)
+                    if since is None:  # set up by another process: start here
+                        since = min(row["seq"] for row in rows) - 1 if rows else room["last_seq"]
+                    fresh = messages_since(db, room_id, since, WEBHOOK_BATCH)
+                    self._seen[room_id] = fresh[-1]["seq"] if fresh else since
+                bodies = [body for body in (self.message_body(db, room, row) for row in fresh) if body]
+        except (sqlite3.Error, RuntimeError):  # the app is closing
+            return
+        backend = backend_url(self.talk)
+        for body in bodies:
+            for bot in bots:
+                self.send(bot, body, backend)
+
+    def message_body(self, db, room, row) -> dict | None:
+        """The webhook of one new message; None for bots' own messages,
+        deleted ones and reactions (those are Like and Undo)."""
+        if row["actor_type"] == "bots":
+            return None
+        if row["message_type"] == "comment":
+            participant_type = GUEST
+            if row["actor_type"] == "users":
+                participant_type = participant_type_of(db, room["id"], row["actor_id"])
+            parent = message_by_id(db, row["parent_id"]) if row["parent_id"] else None
+            return webhook_create(room, row, participant_type, parent)
+        if row["message_type"] == "system" and not row["verb"].startswith("reaction"):
+            return webhook_activity(room, row)
+        return None
+
+    def reacted(self, room, message_id, reactor, reaction, added) -> None:
+        """Someone reacted (or took it back): Like or Undo for bots with the reaction feature."""
+        if reactor[0] == "bots":  # bots never trigger webhooks
+            return
+        with self.talk.db.read() as db:
+            bots = [bot for bot in bots_in_room(db, room["id"]) if receives_http(bot, BOT_REACTION)]
+            row = message_by_id(db, message_id) if bots else None
+        if row is None:
+            return
+        body = (webhook_like if added else webhook_undo)(room, row, reactor, reaction)
+        backend = backend_url(self.talk)
+        for bot in bots:
+            self.send(bot, body, backend)
+
+    def membership(self, room, bot, kind) -> None:
+        """The bot was set up in a room (Join; its news start now) or removed (Leave)."""
+        if kind == "Join":
+            with self._look:
+                self._seen.setdefault(room["id"], room["last_seq"])
+        if receives_http(bot, 0):
+            self.send(bot, webhook_membership(room, bot, kind), backend_url(self.talk))
+
+    # --- Delivery -----------------------------------------------------------
+
+    def send(self, bot, body: dict, backend: str) -> None:
+        """Queue a webhook for a bot; a full queue drops it as the bot's error."""
+        delivery = Delivery(bot["id"], bot["url"], bot["secret"], php_json(body), backend)
+        with self._cond:
+            if self.closed:
+                return
+            full = len(self._queue) >= self.queue_max
+            if not full:
+                self._queue.append(delivery)
+                self._pending += 1
+                while len(self._threads) < self.workers:
+                    thread = threading.Thread(target=self._work, name="talk-webhooks", daemon=True)
+                    self._threads.append(thread)
+                    thread.start()
+                self._cond.notify()
+        if full:
+            self._count_error(delivery.bot_id, "Queue full: the webhook was dropped")
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self.closed:
+                    self._cond.wait()
+                if self.closed:
+                    return
+                delivery = self._queue.popleft()
+            try:
+                error = post_webhook(delivery, self.timeout, self._track)
+                if error is not None and not self.closed:
+                    self._count_error(delivery.bot_id, error)
+            finally:
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
+
+    def _track(self, connection) -> None:
+        with self._cond:
+            if connection is None:
+                self._open.pop(threading.get_ident(), None)
+            else:
+                self._open[threading.get_ident()] = connection
+
+    def _count_error(self, bot_id, message) -> None:
+        try:
+            with self.talk.db.write() as db:
+                count_bot_error(db, bot_id, int(self.talk.clock()), message[:4000])
+        except (sqlite3.Error, RuntimeError):
+            pass  # closing, or the bot went meanwhile
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued webhook was delivered (or failed); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the workers: queued webhooks are dropped, open ones cut off."""
+        with self._cond:
+            self.closed = True
+            self._queue.clear()
+            connections = list(self._open.values())
+            self._cond.notify_all()
+        for connection in connections:
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout)
+
+
+# ---------------------------------------------------------------------------
 # Avatar images: a bitmap font, a minimal PNG writer, upload and emoji checks
 # ---------------------------------------------------------------------------
 
@@ -4284,6 +4990,18 @@ REFUSED = {
     "moderator-permissions": (400, "Moderators always have every permission"),
     "session-in-call": (409, "This device is in a call already; join with force=true"),
     "bad-value": (400, "Invalid value"),
+    # Calls (both generations; only today's clients can set what most of them guard)
+    "no-session": (404, "You have not joined this conversation"),
+    "no-calls-here": (400, "This conversation has no calls"),
+    "read-only": (403, "The conversation is read-only"),
+    "lobby": (412, "The conversation's lobby is active"),
+    "may-not-join-call": (403, "You may not join calls in this conversation"),
+    "may-not-start-call": (403, "You may not start a call in this conversation"),
+    "not-in-call": (400, "This session is not in the call"),
+    "bad-flags": (400, "flags must include 1 (in call)"),
+    # Bots (BotController): data {"error": "bot"} or {"error": "room"}
+    "no-bot": (400, "No such bot, or not one moderators may set up"),
+    "bot-room": (400, "Bots cannot be set up in this conversation"),
 }
 REFUSED_V4 = {
     "rename-one-to-one": 400,
@@ -4338,6 +5056,30 @@ SETTING_VERBS = {
     "message_expiration": lambda value: (
         "message_expiration_enabled" if value else "message_expiration_disabled"),
 }
+
+
+def publishable(flags: int, permissions: int) -> int:
+    """In-call flags without the audio or video the attendee may not publish (as spreed)."""
+    if not permissions & PERM_AUDIO:
+        flags &= ~FLAG_AUDIO
+    if not permissions & PERM_VIDEO:
+        flags &= ~FLAG_VIDEO
+    return flags
+
+
+def end_call_if_empty(db, room, actor, now) -> None:
+    """The last session out of a call ends it (callStartTime 0, call_ended)."""
+    if room["call_start_time"] and not in_call_count(db, room["id"], now - CALL_TIMEOUT_SECONDS):
+        set_call_start(db, room["id"], 0)
+        call_system_message(db, room["id"], actor, "call_ended", now)
+
+
+def expire_calls(db, room, now) -> bool:
+    """No ping: sessions not seen for CALL_TIMEOUT_SECONDS leave the call; True when any did."""
+    if not leave_calls(db, room["id"], now - CALL_TIMEOUT_SECONDS):
+        return False
+    end_call_if_empty(db, room, None, now)
+    return True
 
 
 class Rooms:
@@ -4540,18 +5282,20 @@ class Rooms:
                     raise Refused("owner-protected")
                 remove_participant(db, row["id"])
                 self.say(db, room["id"], speaker(actor, me), "user_removed", {"user": rich_row(row)})
+                end_call_if_empty(db, room, me, self.now())
         self.talk.room_changed(room["id"], chat=gone)
 
     def remove_guest(self, actor, token, session_id) -> None:
         """Remove the guest holding `session_id` (moderators)."""
         with self.talk.db.write() as db:
-            room, _ = room_for(db, actor, token, MODERATE)
+            room, me = room_for(db, actor, token, MODERATE)
             row = participant_by_session(db, room["id"], session_id) if session_id else None
             if row is None:
                 raise Refused("no-participant")
             if row["participant_type"] != GUEST:
                 raise Refused("not-a-guest")
             remove_participant(db, row["id"])
+            end_call_if_empty(db, room, me, self.now())
         self.talk.room_changed(room["id"])
 
     def remove_self(self, actor, token, keep_a_moderator=False) -> None:
@@ -4652,6 +5396,90 @@ class Rooms:
                     remove_participant(db, me["id"])
                 else:
                     end_session(db, me["id"])
+            end_call_if_empty(db, room, me, self.now())
+        self.talk.room_changed(room["id"])
+
+    def call_rules(self, room, me, now) -> int:
+        """Who may be in this room's call; the caller's permissions. Read-only rooms,
+        the lobby and permissions are today's settings: 2018 rooms never have them."""
+        if room["type"] not in ROOM_TYPES:
+            raise Refused("no-calls-here")
+        if room["read_only"]:
+            raise Refused("read-only")
+        permissions = effective_permissions(room, me)
+        if lobby_active(room, now) and not permissions & PERM_LOBBY_IGNORE:
+            raise Refused("lobby")
+        if not permissions & PERM_CALL_JOIN:
+            raise Refused("may-not-join-call")
+        return permissions
+
+    def join_call(self, actor, token, find_session, flags, silent=False) -> None:
+        """Join the call with the session `find_session(db, me)` picks (None: 404).
+
+        The first one in starts the call, if allowed to. The in-call bit is
+        implied; audio and video stay only with the permission to publish them.
+        """
+        now = self.now()
+        with self.talk.db.write() as db:
+            room, me = room_for(db, actor, token, SEE)
+            session = find_session(db, me)
+            if session is None:
+                raise Refused("no-session")
+            permissions = self.call_rules(room, me, now)
+            expire_calls(db, room, now)
+            running = in_call_count(db, room["id"], now - CALL_TIMEOUT_SECONDS) > 0
+            if not running and not permissions & PERM_CALL_START:
+                raise Refused("may-not-start-call")
+            rejoin = bool(call_flags_now(session, now))
+            set_call_flags(db, session["id"], publishable(flags | FLAG_IN_CALL, permissions))
+            touch_session(db, session["id"], me["id"], now)
+            if not running:
+                set_call_start(db, room["id"], now)
+                call_system_message(db, room["id"], me, "call_started", now)
+            elif not rejoin:
+                call_system_message(db, room["id"], me, "call_joined", now)
+        self.talk.room_changed(room["id"])
+
+    def change_call_flags(self, actor, token, find_session, flags) -> None:
+        """Change a session's in-call flags (audio, video, phone) while in the call."""
+        now = self.now()
+        with self.talk.db.write() as db:
+            room, me = room_for(db, actor, token, SEE)
+            session = find_session(db, me)
+            if session is None:
+                raise Refused("no-session")
+            if not call_flags_now(session, now):
+                raise Refused("not-in-call")
+            if not flags & FLAG_IN_CALL:
+                raise Refused("bad-flags")
+            set_call_flags(db, session["id"], publishable(flags, effective_permissions(room, me)))
+            touch_session(db, session["id"], me["id"], now)
+        self.talk.room_changed(room["id"])
+
+    def leave_call(self, actor, token, find_session, everyone=False) -> None:
+        """Leave the call (staying in the room); a moderator may end it for everyone.
+        The last one out ends it."""
+        now = self.now()
+        with self.talk.db.write() as db:
+            room, me = room_for(db, actor, token, SEE)
+            session = find_session(db, me)
+            if session is None:
+                raise Refused("no-session")
+            if everyone and me["participant_type"] in MODERATOR_TYPES:
+                leave_calls(db, room["id"])
+                if room["call_start_time"]:
+                    set_call_start(db, room["id"], 0)
+                    call_system_message(db, room["id"], me, "call_ended_everyone", now)
+            else:
+                was_in_call = bool(call_flags_now(session, now))
+                set_call_flags(db, session["id"], 0)
+                # The last one out ends the call: call_ended, not call_left (as Talk).
+                ended = room["call_start_time"] and not in_call_count(
+                    db, room["id"], now - CALL_TIMEOUT_SECONDS
+                )
+                if was_in_call and not ended:
+                    call_system_message(db, room["id"], me, "call_left", now)
+                end_call_if_empty(db, room, me, now)
         self.talk.room_changed(room["id"])
 
     def promote(self, actor, token, find) -> None:
@@ -4730,6 +5558,28 @@ class Rooms:
             set_attendee_setting(db, row["id"], "permissions", permissions, self.now())
         self.talk.room_changed(room["id"])
 
+    def bots(self, actor, token) -> tuple[list[sqlite3.Row], set[int]]:
+        """Every bot, and the ids of those set up in the room (moderators)."""
+        with self.talk.db.read() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            return list_bots(db), bot_ids_in_room(db, room["id"])
+
+    def switch_bot(self, actor, token, bot_id, enable) -> tuple[sqlite3.Row, bool]:
+        """Set a bot up in the room or remove it (moderators): (bot, whether
+        that changed anything). Only enabled bots, not no-setup ones, and none
+        in former one-to-ones; the bot is sent Join or Leave."""
+        with self.talk.db.write() as db:
+            room, _ = room_for(db, actor, token, MODERATE)
+            if enable and room["type"] == ROOM_FORMER_ONE_TO_ONE:
+                raise Refused("bot-room", {"error": "room"})
+            bot = bot_by_id(db, bot_id)
+            if bot is None or bot["state"] != BOT_ENABLED:
+                raise Refused("no-bot", {"error": "bot"})
+            changed = (link_bot if enable else unlink_bot)(db, bot["id"], room["id"])
+        if changed:
+            self.talk.bots.membership(room, bot, "Join" if enable else "Leave")
+        return bot, changed
+
     def set_own(self, actor, token, column, value) -> None:
         """Change one of the caller's own settings in a room (favorite, notifications)."""
         with self.talk.db.write() as db:
@@ -4790,15 +5640,13 @@ def room_list(rq):
     # anything or the second changes (the active window counts in seconds;
     # changes by other processes, such as the command line, show a second later).
     key = (rq.actor.user_id, talk.db.generation, now)
-    answer = talk.room_lists.get(key)
-    if answer is None:
+
+    def build():
         with talk.db.read() as db:
             rooms = rooms_of(db, rq.actor.user_id)
-        answer = [room_json(room, rows, rq.actor, now) for room, rows in rooms]
-        if len(talk.room_lists) > 1000:
-            talk.room_lists.clear()
-        talk.room_lists[key] = answer
-    return answer
+        return [room_json(room, rows, rq.actor, now) for room, rows in rooms]
+
+    return shared_answer(talk.room_lists, key, build)
 
 
 def room_get(rq, token):
@@ -4919,11 +5767,7 @@ def call_peers_list(rq, token):
 
 def call_join(rq, token):
     """POST /call/{token}: Join a call."""
-    with rq.talk.db.write() as db:
-        room, me = room_for(db, rq.actor, token, JOINED)
-        set_in_call(db, me["session_id"], True)
-        touch(db, me["id"], rq.now)
-    rq.talk.room_changed(room["id"])
+    rq.talk.rooms.join_call(rq.actor, token, newest_session, FLAG_IN_CALL)
     return []
 
 
@@ -4931,21 +5775,18 @@ def call_ping(rq, token):
     """POST /call/{token}/ping: Send ping to keep the call alive."""
     with rq.talk.db.write() as db:
         _, me = room_for(db, rq.actor, token, JOINED)
-        touch(db, me["id"], rq.now)
+        touch_session(db, me["session_id"], me["id"], rq.now)
     return []
 
 
 def call_leave(rq, token):
     """DELETE /call/{token}: Leave a call (but staying in the room for future calls and chat)."""
-    with rq.talk.db.write() as db:
-        room, me = room_for(db, rq.actor, token, SEE)
+    with rq.talk.db.read() as db:
+        room_for(db, rq.actor, token, SEE)
         # As Talk 3.1: a guest with no session anywhere is simply told 200.
         if rq.actor.is_guest and not guest_has_session(db, rq.actor.guest_id):
             return []
-        if me is None or me["session_id"] == "0":
-            fail(404, "Room not found")
-        set_in_call(db, me["session_id"], False)
-    rq.talk.room_changed(room["id"])
+    rq.talk.rooms.leave_call(rq.actor, token, newest_session)
     return []
 
 
@@ -4996,6 +5837,32 @@ def chat_receive(rq, token):
             if rows:
                 break  # the sends handed us exactly what we wait for
     return [message_json(row, room["token"]) for row in reversed(rows)]
+
+
+PING_EVERY = 5  # seconds: a receive refreshes a session at most this often (SD card)
+
+
+def keep_alive(rq, me) -> None:
+    """No ping: today's chat receive keeps the caller's session alive, writing
+    at most every PING_EVERY seconds (SPEC 2 keeps the 2018 receive from it)."""
+    if me is None:
+        return
+    with rq.talk.db.read() as db:
+        session = rq.own_session(db, me)
+    stamp = session["last_ping"] if session is not None else me["last_ping"]
+    if stamp >= rq.now - PING_EVERY:
+        return
+    with rq.talk.db.write() as db:
+        seen(rq, db, me, rq.now)
+
+
+def seen(rq, db, me, now) -> None:
+    """The caller was seen now: its row, and the session its device holds (no ping)."""
+    session = rq.own_session(db, me)
+    if session is None:
+        touch(db, me["id"], now)
+    else:
+        touch_session(db, session["id"], me["id"], now)
 
 
 def messages_in_news(news, start) -> list:
@@ -5072,6 +5939,7 @@ def chat_receive_modern(rq, token):
     with talk.db.read() as db:
         room, me = room_for(db, rq.actor, token, CHAT)
         outside_lobby(room, me, rq.now)
+    keep_alive(rq, me)
     if not future:
         with talk.db.read() as db:
             rows = messages_page(db, room["id"], known, limit, False, inclusive)
@@ -5214,7 +6082,7 @@ def chat_send(rq, token):
         )
         mark_mentions(db, room["id"], row["id"], users, everyone, me["id"])
         set_read_marker(db, me["id"], room["id"], row["id"], row["legacy_seq"])
-        touch(db, me["id"], now)
+        seen(rq, db, me, now)
         common = last_common_read(db, room["id"]) if modern else 0
     if expires:
         rq.talk.expire_at(expires)
@@ -5389,7 +6257,11 @@ def chat_mentions(rq, token):
 
 
 def reaction_of(rq) -> str:
-    reaction = (rq.text("reaction", "") or "").strip()
+    return checked_reaction(rq.text("reaction", "") or "")
+
+
+def checked_reaction(text: str) -> str:
+    reaction = text.strip()
     if not reaction or len(reaction) > REACTION_MAX or re.search(r"[\sA-Za-z0-9]", reaction):
         fail(400, "reaction must be one emoji")
     return reaction
@@ -5420,6 +6292,16 @@ def reactions_answer(db, message_id, reaction="") -> dict:
     return answer or []
 
 
+def apply_reaction(db, room, message_id, reaction, author, now, add) -> sqlite3.Row | None:
+    """Add or take back one reaction, with the system message pollers notice
+    it by; that message, or None when nothing changed."""
+    if not change_reaction(db, message_id, reaction, author, now, add):
+        return None
+    verb = "reaction" if add else "reaction_revoked"
+    return add_system_message(db, room["id"], author, verb, now=now, parent_id=message_id,
+                              text=reaction if add else None)
+
+
 def reaction_change(rq, token, message_id, add):
     message_id = message_id_of(message_id)
     reaction = reaction_of(rq)
@@ -5427,18 +6309,14 @@ def reaction_change(rq, token, message_id, add):
     with rq.talk.db.write() as db:
         room, me, _ = reactable(rq, db, token, message_id)
         author = speaker(rq.actor, me)
-        changed = change_reaction(db, message_id, reaction, author, now, add)
-        if not changed and not add:
+        system = apply_reaction(db, room, message_id, reaction, author, now, add)
+        if system is None and not add:
             fail(404, "Reaction not found")
-        system = None
-        if changed:
-            verb = "reaction" if add else "reaction_revoked"
-            system = add_system_message(db, room["id"], author, verb, now=now, parent_id=message_id,
-                                        text=reaction if add else None)
         answer = reactions_answer(db, message_id)
     if system is not None:
         rq.talk.chat_posted(room["id"], system, changed=True)
-    return Reply(201 if add and changed else 200, answer)
+        rq.talk.bots.reacted(room, message_id, author, reaction, add)
+    return Reply(201 if add and system is not None else 200, answer)
 
 
 def reaction_add(rq, token, message_id):
@@ -5590,19 +6468,28 @@ def turn_credentials(secret: str, now: int) -> tuple[str, str]:
     return username, base64.b64encode(digest).decode("ascii")
 
 
-def signaling_settings(rq):
-    """GET /signaling/settings: STUN and TURN servers for WebRTC."""
-    talk = rq.talk
-    stun = [{"url": f"stun:{secrets.choice(talk.stun_servers)}"}] if talk.stun_servers else []
+def ice_servers(talk, now) -> tuple[list[str], list[dict]]:
+    """The configured STUN URLs, and the TURN servers ({urls, username, credential})
+    with fresh credentials; both generations' signaling settings shape these."""
+    stun = [f"stun:{server}" for server in talk.stun_servers]
     turn = []
     if talk.turn_server and talk.turn_secret:
-        username, credential = turn_credentials(talk.turn_secret, rq.now)
+        username, credential = turn_credentials(talk.turn_secret, now)
         for transport in ("udp", "tcp"):
             urls = [f"turn:{talk.turn_server}?transport={transport}"]
-            turn.append(
-                {"url": urls, "urls": urls, "username": username, "credential": credential}
-            )
-    return {"server": "", "ticket": "", "stunservers": stun, "turnservers": turn}
+            turn.append({"urls": urls, "username": username, "credential": credential})
+    return stun, turn
+
+
+def signaling_settings(rq):
+    """GET /signaling/settings: STUN and TURN servers for WebRTC."""
+    stun, turn = ice_servers(rq.talk, rq.now)
+    return {
+        "server": "",
+        "ticket": "",
+        "stunservers": [{"url": secrets.choice(stun)}] if stun else [],
+        "turnservers": [{"url": entry["urls"], **entry} for entry in turn],
+    }
 
 
 def signaling_session(rq, db, token):
@@ -5631,44 +6518,60 @@ def parse_signaling_messages(raw) -> list:
     return raw
 
 
-def signaling_send(rq, token=None):
-    """POST /signaling and /signaling/{token}: Send signaling messages."""
+def relay_signaling(talk, db, items, my_session, room_id, now, control=True) -> set[str]:
+    """Queue the `messages` items for their recipients; the sessions to wake.
+
+    Only `ev: message` items of the caller's own session count (a spoofed one
+    is dropped); `fn` (a JSON string or object) goes to the session in its
+    `to`, if that is in the same room, with the server's `from`, delivered as
+    a JSON string. Without `control`, `type: control` items are dropped.
+    """
+    woken = set()
+    expire_signaling(db, now - SIGNALING_TTL)
+    for item in items:
+        if item.get("ev") != "message" or item.get("sessionId") != my_session:
+            continue
+        payload = item.get("fn")
+        if isinstance(payload, str):
+            if len(payload) > SIGNALING_MESSAGE_MAX:
+                fail(413, "Signaling message too large")
+            try:
+                payload = json.loads(payload)
+            except ValueError:
+                fail(400, "fn is not valid JSON")
+        if not isinstance(payload, dict) or not isinstance(payload.get("to"), str):
+            fail(400, "fn must be an object with a recipient session in to")
+        if payload.get("type") == "control" and not control:
+            continue
+        recipient = session_by_id(db, payload["to"])
+        if recipient is None or recipient["room_id"] != room_id:
+            continue  # only sessions of the same room receive
+        if queued_count(db, payload["to"]) >= talk.signaling_queue_max:
+            fail(429, "The recipient's signaling queue is full")
+        payload["from"] = my_session
+        queue_signaling(db, payload["to"], my_session, json.dumps(payload), now)
+        woken.add(payload["to"])
+    return woken
+
+
+def signaling_messages(rq) -> list:
+    """The `messages` parameter (form field or JSON body), else 400."""
     if not rq.has("messages"):
         fail(400, "Missing parameter messages")
-    items = parse_signaling_messages(rq.params["messages"])
+    return parse_signaling_messages(rq.params["messages"])
+
+
+def signaling_send(rq, token=None):
+    """POST /signaling and /signaling/{token}: Send signaling messages."""
+    items = signaling_messages(rq)
     now, talk = rq.now, rq.talk
-    woken = set()
     with talk.db.write() as db:
         my_session, room_id = signaling_session(rq, db, token)
         if my_session is None:
             fail(404, "No session", [{"type": "usersInRoom", "data": []}])
         sender = session_by_id(db, my_session)
-        touch(db, sender["participant_id"], now)
-        expire_signaling(db, now - SIGNALING_TTL)
-        for item in items:
-            if item.get("ev") != "message":
-                continue
-            # Only the caller's own session may send; a spoofed one is dropped.
-            if item.get("sessionId") != my_session:
-                continue
-            payload = item.get("fn")
-            if isinstance(payload, str):
-                if len(payload) > SIGNALING_MESSAGE_MAX:
-                    fail(413, "Signaling message too large")
-                try:
-                    payload = json.loads(payload)
-                except ValueError:
-                    fail(400, "fn is not valid JSON")
-            if not isinstance(payload, dict) or not isinstance(payload.get("to"), str):
-                fail(400, "fn must be an object with a recipient session in to")
-            recipient = session_by_id(db, payload["to"])
-            if recipient is None or recipient["room_id"] != room_id:
-                continue  # only sessions of the same room receive
-            if queued_count(db, payload["to"]) >= talk.signaling_queue_max:
-                fail(429, "The recipient's signaling queue is full")
-            payload["from"] = my_session
-            queue_signaling(db, payload["to"], my_session, json.dumps(payload), now)
-            woken.add(payload["to"])
+        touch_session(db, my_session, sender["participant_id"], now)
+        woken = relay_signaling(talk, db, items, my_session, room_id, now)
     talk.notifier.notify(*(session_key(s) for s in woken))
     return []
 
@@ -5682,7 +6585,7 @@ def signaling_receive(rq, token=None):
         my_session, room_id = signaling_session(rq, db, token)
         if my_session is None:
             raise gone
-        touch(db, session_by_id(db, my_session)["participant_id"], rq.now)
+        touch_session(db, my_session, session_by_id(db, my_session)["participant_id"], rq.now)
     with talk.notifier.listen(room_key(room_id), session_key(my_session)) as waiter:
         with talk.db.read() as db:
             pending = has_signaling(db, my_session)
@@ -5699,6 +6602,152 @@ def signaling_receive(rq, token=None):
     answer = [{"type": "message", "data": data} for data in messages]
     answer.append({"type": "usersInRoom", "data": [user_in_room_json(u) for u in users]})
     return answer
+
+
+# ---------------------------------------------------------------------------
+# Routes, API v3 and v4 (today): Calls and internal signaling
+# ---------------------------------------------------------------------------
+
+# A signaling poll's answer when its session is gone (the apps read the list).
+NO_USERS = [{"type": "usersInRoom", "data": []}]
+
+
+def may_call(rq, db, room, me) -> bool:
+    """Whether the caller may join a call: in `room` when given, else anywhere
+    (users, and guests who joined a room). Only they get TURN credentials."""
+    if room is None:
+        return not rq.actor.is_guest or guest_has_session(db, rq.actor.guest_id)
+    if me is None:  # a public room they may join, with its default permissions
+        return room["type"] == ROOM_PUBLIC and bool(default_permissions(room) & PERM_CALL_JOIN)
+    return bool(effective_permissions(room, me) & PERM_CALL_JOIN)
+
+
+def signaling_settings_v3(rq):
+    """GET /signaling/settings: Internal signaling, STUN and TURN servers (API v3)."""
+    token = rq.text("token", "")
+    with rq.talk.db.read() as db:
+        room, me = room_for(db, rq.actor, token, SEE) if token else (None, None)
+        allowed = may_call(rq, db, room, me)
+    stun, turn = ice_servers(rq.talk, rq.now)
+    user_id = rq.actor.user_id
+    return {
+        "signalingMode": "internal",
+        "userId": user_id,
+        "hideWarning": False,
+        # Empty strings: the apps test `server` for emptiness to pick internal signaling.
+        "server": "",
+        "ticket": "",
+        "helloAuthParams": {"1.0": {"userid": user_id, "ticket": ""}, "2.0": {"token": ""}},
+        "stunservers": [{"urls": stun}] if stun else [],
+        "turnservers": turn if allowed else [],
+        "sipDialinInfo": "",
+        "federation": None,
+    }
+
+
+def signaling_session_v3(rq, db, token, now):
+    """The room, the caller's row and its session (seen now), else the 404 the apps expect."""
+    room = room_by_token(db, token)
+    me = participant_of(db, room["id"], rq.actor.user_id, rq.actor.guest_id) if room else None
+    session = rq.own_session(db, me)
+    if session is None:
+        fail(404, "No session", NO_USERS)
+    touch_session(db, session["id"], me["id"], now)
+    return room, me, session
+
+
+@long_poll(lambda query: True)
+def signaling_pull(rq, token):
+    """GET /signaling/{token}: Receive signaling messages (API v3 long-poll).
+
+    The session is the one the device cookie names, else the caller's newest
+    live one. Answers the queued messages at once, else waits until one
+    comes, the room's participants change (refresh-participant-list) or 30 s
+    pass; then always usersInRoom. A session gone meanwhile: 409 while the
+    caller is still a participant (another join replaced it), else 404.
+    """
+    talk = rq.talk
+    now = rq.now
+    with talk.db.write() as db:
+        room, me, session = signaling_session_v3(rq, db, token, now)
+        expired = expire_calls(db, room, now)
+    if expired:
+        talk.room_changed(room["id"])
+    room_id, my_session = room["id"], session["id"]
+    with talk.notifier.listen(room_key(room_id), session_key(my_session)) as waiter:
+        with talk.db.read() as db:
+            pending = has_signaling(db, my_session) or talk.room_news_for(my_session, room_id)
+        if not pending:
+            talk.notifier.wait(waiter, SIGNALING_TIMEOUT, rq.wait_cancelled)
+    now = rq.now
+    version = talk.room_version(room_id)
+    with talk.db.write() as db:
+        if session_by_id(db, my_session) is None:
+            room = room_by_id(db, room_id)
+            still = room is not None and participant_of(
+                db, room_id, rq.actor.user_id, rq.actor.guest_id) is not None
+            fail(409 if still else 404, "Session ended" if still else "No session", NO_USERS)
+        touch_session(db, my_session, me["id"], now)
+        messages = take_signaling(db, my_session, now - SIGNALING_TTL)
+        room = room_by_id(db, room_id)
+        users = live_sessions(db, room_id, now - CALL_TIMEOUT_SECONDS)
+    talk.saw_room(my_session, version)
+    answer = [{"type": "message", "data": data} for data in messages]
+    answer.append(
+        {"type": "usersInRoom", "data": [signaling_session_json(room, u, now) for u in users]}
+    )
+    return answer
+
+
+def signaling_push(rq, token):
+    """POST /signaling/{token}: Send signaling messages (API v3); `control` from moderators only."""
+    items = signaling_messages(rq)
+    talk, now = rq.talk, rq.now
+    with talk.db.write() as db:
+        room, me, session = signaling_session_v3(rq, db, token, now)
+        moderator = me["participant_type"] in MODERATOR_TYPES
+        woken = relay_signaling(talk, db, items, session["id"], room["id"], now, moderator)
+    talk.notifier.notify(*(session_key(s) for s in woken))
+    return []
+
+
+def call_flags_param(rq, name, default=None) -> int:
+    """In-call flags: an integer of the bits 1, 2, 4 and 8, else 400."""
+    flags = rq.integer(name, default, minimum=0, required=default is None)
+    if flags & ~CALL_FLAGS_ALL:
+        fail(400, f"{name} must be a combination of 1, 2, 4 and 8")
+    return flags
+
+
+def call_peers_v4(rq, token):
+    """GET /call/{token}: Get the sessions in the call (API v4)."""
+    now = rq.now
+    with rq.talk.db.read() as db:
+        room, me = room_for(db, rq.actor, token, ROW)
+        outside_lobby(room, me, now)
+        rows = live_sessions(db, room["id"], now - CALL_TIMEOUT_SECONDS)
+    return [call_peer_v4_json(row, room["token"]) for row in rows if call_flags_now(row, now)]
+
+
+def call_join_v4(rq, token):
+    """POST /call/{token}: Join the call with `flags` (default 7), `silent` (API v4)."""
+    flags = call_flags_param(rq, "flags", CALL_FLAGS_DEFAULT)
+    silent = rq.boolean("silent", False)
+    rq.talk.rooms.join_call(rq.actor, token, rq.own_session, flags, silent)
+    return []
+
+
+def call_update_v4(rq, token):
+    """PUT /call/{token}: Change the in-call flags (API v4)."""
+    rq.talk.rooms.change_call_flags(rq.actor, token, rq.own_session, call_flags_param(rq, "flags"))
+    return []
+
+
+def call_leave_v4(rq, token):
+    """DELETE /call/{token}: Leave the call; `all=true` ends it for everyone (moderators)."""
+    everyone = rq.boolean("all", False)
+    rq.talk.rooms.leave_call(rq.actor, token, rq.own_session, everyone)
+    return []
 
 
 # ---------------------------------------------------------------------------
@@ -5730,11 +6779,11 @@ def conversation_parts(rq, db, room, session_id=None) -> tuple[dict, sqlite3.Row
     my_session, unread = None, 0
     last = last_message_of(db, room, now)
     if mine is not None:
-        own = sessions_of(db, mine["id"])
         if session_id is not None:
+            own = sessions_of(db, mine["id"])
             my_session = next((s for s in own if s["id"] == session_id), None)
         else:
-            my_session = device_session(own, rq.device(), now - ACTIVE_SECONDS)
+            my_session = rq.own_session(db, mine)
         unread = unread_count(room, mine)
     extras = {"last_message": last, "unread": unread}
     sessions = sessions_of_room(db, room["id"])
@@ -5766,23 +6815,21 @@ def conversation_list(rq):
     # As on the 2018 route, an answer is reused until this process writes
     # anything or the second changes; the device names the caller's sessions.
     key = ("v4", rq.actor.user_id, rq.device(), since, include_status, talk.db.generation, now)
-    answers = talk.room_lists.get(key)
-    if answers is not None:
+
+    def build():
+        answers = []
+        with talk.db.read() as db:
+            for room in rooms_with(db, rq.actor.user_id):
+                answer, mine = conversation_parts(rq, db, room)
+                # With includeStatus every one-to-one room comes (its partner's status may change).
+                one_to_one = include_status and room["type"] == ROOM_ONE_TO_ONE
+                if not since or one_to_one or changed_since(room, answer, mine, since):
+                    answers.append(answer)
+            if include_status:
+                add_statuses(db, answers, now)
         return answers
-    answers = []
-    with talk.db.read() as db:
-        for room in rooms_with(db, rq.actor.user_id):
-            answer, mine = conversation_parts(rq, db, room)
-            # With includeStatus every one-to-one room comes (its partner's status may change).
-            one_to_one = include_status and room["type"] == ROOM_ONE_TO_ONE
-            if not since or one_to_one or changed_since(room, answer, mine, since):
-                answers.append(answer)
-        if include_status:
-            add_statuses(db, answers, rq.now)
-    if len(talk.room_lists) > 1000:
-        talk.room_lists.clear()
-    talk.room_lists[key] = answers
-    return answers
+
+    return shared_answer(talk.room_lists, key, build)
 
 
 def add_statuses(db, answers, now) -> None:
@@ -6021,9 +7068,8 @@ def attendee_join(rq, token):
 def attendee_leave(rq, token):
     """DELETE /room/{token}/participants/active: Leave (this device's session ends)."""
     with rq.talk.db.read() as db:
-        room, me = room_for(db, rq.actor, token, SEE)
-        own = sessions_of(db, me["id"]) if me is not None else []
-    session = device_session(own, rq.device(), rq.now - ACTIVE_SECONDS)
+        _, me = room_for(db, rq.actor, token, SEE)
+        session = rq.own_session(db, me)
     if session is not None:
         rq.talk.rooms.leave(rq.actor, token, session["id"])
     return []
@@ -6051,6 +7097,144 @@ def attendee_permissions(rq, token):
         rq.actor, token, attendee_id, method, permission_bits(rq)
     )
     return []
+
+
+# ---------------------------------------------------------------------------
+# Routes: Bots (spreed docs/bots.md, lib/Controller/BotController.php)
+# ---------------------------------------------------------------------------
+
+
+def bot_id_of(value) -> int:
+    """A bot id from the URL; 0 (no such bot) unless digits, as PHP's (int)."""
+    return int(value) if re.fullmatch(r"[0-9]{1,18}", value or "") else 0
+
+
+def bot_admin_list(rq):
+    """GET /bot/admin: Every installed bot with its details (administrators)."""
+    with rq.talk.db.read() as db:
+        require_admin(rq, db)
+        return [bot_admin_json(bot) for bot in list_bots(db)]
+
+
+def bot_list(rq, token):
+    """GET /bot/{token}: The bots moderators may set up here, and their state."""
+    bots, here = rq.talk.rooms.bots(rq.actor, token)
+    shown = (bot_json(bot, bot["id"] in here) for bot in bots)
+    return [bot for bot in shown if bot is not None]
+
+
+def bot_enable(rq, token, bot_id):
+    """POST /bot/{token}/{botId}: Set a bot up in the conversation (201; 200 when it was)."""
+    bot, created = rq.talk.rooms.switch_bot(rq.actor, token, bot_id_of(bot_id), enable=True)
+    return Reply(201 if created else 200, bot_json(bot, True))
+
+
+def bot_disable(rq, token, bot_id):
+    """DELETE /bot/{token}/{botId}: Remove a bot from the conversation."""
+    bot, _ = rq.talk.rooms.switch_bot(rq.actor, token, bot_id_of(bot_id), enable=False)
+    return bot_json(bot, False)
+
+
+def signed_bot(rq, token, text):
+    """The room and the bot that signed `text` (BotController::getBotFromHeaders).
+
+    X-Nextcloud-Talk-Bot-Signature is the HMAC of the random and only the
+    message or reaction text (docs/bots.md says the body; Talk's code and
+    every client sign the text). 400 for a short random or no signature;
+    401, counted towards the address's 429, unless a bot enabled in the
+    room with the response feature signed it. A random may come again:
+    nc-py-api and others do not vary it reliably.
+    """
+    request = bottle.request
+    random = request.get_header("X-Nextcloud-Talk-Bot-Random", "")
+    signature = request.get_header("X-Nextcloud-Talk-Bot-Signature", "").lower()
+    if len(random) < BOT_RANDOM_MIN:
+        fail(400, f"X-Nextcloud-Talk-Bot-Random must be at least {BOT_RANDOM_MIN} characters")
+    if not signature:
+        fail(400, "X-Nextcloud-Talk-Bot-Signature is missing")
+    with rq.talk.db.read() as db:
+        room = room_by_token(db, token)
+        bots = bots_in_room(db, room["id"]) if room is not None else []
+    for bot in bots:
+        if bot["features"] & BOT_RESPONSE and hmac.compare_digest(
+            bot_signature(bot["secret"], random, text), signature
+        ):
+            rq.talk.bot_throttle.succeeded(client_address(request.environ))
+            return room, bot
+    rq.talk.bot_throttle.failed(client_address(request.environ))
+    fail(401, "No enabled bot of this conversation signed the request")
+
+
+def bot_message(rq, token):
+    """POST /bot/{token}/message: A bot writes (message, replyTo, referenceId, silent)."""
+    rq.talk.bot_throttle.check(client_address(bottle.request.environ))
+    message = rq.text("message", "") or ""
+    if not message.strip():
+        fail(400, "The message is empty")
+    reference_id = rq.text("referenceId", "") or ""
+    if len(reference_id) > REFERENCE_ID_MAX:
+        fail(400, f"referenceId is longer than {REFERENCE_ID_MAX} characters")
+    reply_to = rq.integer("replyTo", 0, minimum=0)  # nc-py-api sends the id as a string
+    silent = rq.boolean("silent", False)
+    room, bot = signed_bot(rq, token, message)
+    now = rq.now
+    with rq.talk.db.write() as db:
+        room = room_by_id(db, room["id"])
+        if room is None:
+            fail(404, "Room not found")
+        parent = message_by_id(db, reply_to) if reply_to else None
+        if reply_to and (
+            parent is None or parent["room_id"] != room["id"]
+            or parent["message_type"] != "comment" or parent["verb"]
+        ):
+            fail(400, "replyTo must be a message of this conversation")
+        if len(message) > MESSAGE_MAX:
+            fail(413, f"The message is longer than {MESSAGE_MAX} characters")
+        parameters, users, everyone = parse_mentions(db, room, message)
+        expires = now + room["message_expiration"] if room["message_expiration"] else 0
+        row = add_message(
+            db, room["id"], "bots", bot_actor_id(bot), message, now, parameters=parameters,
+            actor_name=bot_display_name(bot), reference_id=reference_id, parent_id=reply_to,
+            silent=silent, expires=expires,
+        )
+        mark_mentions(db, room["id"], row["id"], users, everyone, 0)
+    if expires:
+        rq.talk.expire_at(expires)
+    rq.talk.chat_posted(room["id"], row)
+    return Reply(201, None)
+
+
+def bot_reaction_change(rq, token, message_id, add):
+    """A bot's reaction: signed like a message, over the reaction text."""
+    rq.talk.bot_throttle.check(client_address(bottle.request.environ))
+    text = rq.text("reaction", "") or ""
+    room, bot = signed_bot(rq, token, text)
+    message_id = message_id_of(message_id)
+    reaction = checked_reaction(text)
+    author = ("bots", bot_actor_id(bot), bot_display_name(bot))
+    now = rq.now
+    with rq.talk.db.write() as db:
+        row = message_by_id(db, message_id)
+        if row is None or row["room_id"] != room["id"]:
+            fail(404, "Message not found")
+        if row["message_type"] != "comment" or row["verb"]:
+            fail(400 if add else 404, "Only chat messages take reactions")
+        system = apply_reaction(db, room, message_id, reaction, author, now, add)
+        if system is None and not add:
+            fail(404, "Reaction not found")
+    if system is not None:
+        rq.talk.chat_posted(room["id"], system, changed=True)
+    return Reply(201 if add and system is not None else 200, None)
+
+
+def bot_react(rq, token, message_id):
+    """POST /bot/{token}/reaction/{messageId}: A bot reacts (201; 200 when it had)."""
+    return bot_reaction_change(rq, token, message_id, add=True)
+
+
+def bot_unreact(rq, token, message_id):
+    """DELETE /bot/{token}/reaction/{messageId}: A bot takes its reaction back."""
+    return bot_reaction_change(rq, token, message_id, add=False)
 
 
 # ---------------------------------------------------------------------------
@@ -7057,8 +8241,10 @@ def autocomplete_get(rq):
 
 # Who may call: USERS need Basic auth; PUBLIC also takes guests (cookie) and
 # nobody; IMAGE is PUBLIC without the OCS-APIRequest header (an <img> cannot
-# send it, and reading a picture changes nothing) and answers Binary.
-PUBLIC, USERS, IMAGE = "public", "users", "image"
+# send it, and reading a picture changes nothing) and answers Binary; BOT is
+# a bot, which proves itself by the signature headers its handler checks
+# (signed_bot), never by Basic auth or cookies.
+PUBLIC, USERS, IMAGE, BOT = "public", "users", "image", "bot"
 
 # One table per API generation and prefix: (method, path under the prefix,
 # handler, who may call it). ROUTE_TABLES says where each is served and which
@@ -7155,6 +8341,18 @@ ROUTES_V4 = [
     ("DELETE", "/room/<token>/participants/active", attendee_leave, PUBLIC),
     ("POST", "/room/<token>/moderators", attendee_promote, USERS),
     ("DELETE", "/room/<token>/moderators", attendee_demote, USERS),
+    # Calls
+    ("GET", "/call/<token>", call_peers_v4, PUBLIC),
+    ("POST", "/call/<token>", call_join_v4, PUBLIC),
+    ("PUT", "/call/<token>", call_update_v4, PUBLIC),
+    ("DELETE", "/call/<token>", call_leave_v4, PUBLIC),
+]
+
+# API v3 (today), under /ocs/v{1,2}.php/apps/spreed/api/v3: internal signaling.
+ROUTES_V3 = [
+    ("GET", "/signaling/settings", signaling_settings_v3, PUBLIC),
+    ("GET", "/signaling/<token>", signaling_pull, PUBLIC),
+    ("POST", "/signaling/<token>", signaling_push, PUBLIC),
 ]
 
 # Capabilities and provisioning, under /ocs/v{1,2}.php/cloud (SPEC 8, 9).
@@ -7248,10 +8446,24 @@ AUTOCOMPLETE_ROUTES = [
     ("GET", "/get", autocomplete_get, USERS),
 ]
 
+# Bots, also under .../api/v1 (docs/bots.md): moderators and administrators
+# manage them; the bots themselves write, signing each request.
+BOT_ROUTES = [
+    ("GET", "/bot/admin", bot_admin_list, USERS),  # before /bot/<token>
+    ("GET", "/bot/<token>", bot_list, USERS),
+    ("POST", "/bot/<token>/message", bot_message, BOT),  # before /bot/<token>/<bot_id>
+    ("POST", "/bot/<token>/reaction/<message_id>", bot_react, BOT),
+    ("DELETE", "/bot/<token>/reaction/<message_id>", bot_unreact, BOT),
+    ("POST", "/bot/<token>/<bot_id>", bot_enable, USERS),
+    ("DELETE", "/bot/<token>/<bot_id>", bot_disable, USERS),
+]
+
 # (prefix, generation, table)
 ROUTE_TABLES = [
     (API_PREFIX, 1, ROUTES),
     (API_PREFIX, 1, CHAT_ROUTES),
+    (API_V3_PREFIX, 3, ROUTES_V3),
+    (API_PREFIX, 1, BOT_ROUTES),
     (API_V4_PREFIX, 4, ROUTES_V4),
     (CLOUD_PREFIX, 1, CLOUD_ROUTES),
     (CORE_PREFIX, 1, SIGNIN_ROUTES),
@@ -7305,11 +8517,13 @@ class Talk:
         signaling_queue_max=SIGNALING_QUEUE_MAX,
         rooms_per_minute=ROOMS_PER_MINUTE,
         throttle_free_failures=THROTTLE_FREE_FAILURES,
+        public_url="",
+        webhook_timeout=WEBHOOK_TIMEOUT,
     ):
         if durability not in ("full", "normal"):
             raise ValueError("durability must be full or normal")
         self.db = Database(db_path, durability)
-        self.room_lists: dict[tuple, list] = {}  # GET /room answers, see room_list
+        self.room_lists: dict[tuple, dict] = {}  # GET /room answers, see shared_answer
         self.avatars = BoundedCache(AVATAR_CACHE_ENTRIES)  # generated PNGs, see avatar_png
         self.clock = clock
         self.threads = threads
@@ -7332,12 +8546,33 @@ class Talk:
         self.room_throttle = Throttle(throttle_free_failures)
         self.rooms = Rooms(self)
         self.config_hash = config_hash(self)
+        self.public_url = public_url  # X-Nextcloud-Talk-Backend; "" = the request's own
+        self.bots = Webhooks(self, timeout=webhook_timeout)
+        self.bot_throttle = Throttle(throttle_free_failures)  # bad bot signatures
         self._expiry_lock = threading.Lock()
         self._expiry = None  # (when, timer) of the next message expiration
         self.closing = False
         upcoming = self.expire_messages()
         if upcoming is not None:
             self.expire_at(upcoming)
+        # refresh-participant-list (signaling v3): a room's latest change, and
+        # the change each session's last usersInRoom showed; a poll whose room
+        # changed since answers at once. In memory: a restart answers once more.
+        self._changes = itertools.count(1)
+        self.room_versions: dict[int, int] = {}
+        self.seen_versions: dict[str, int] = {}
+
+    def room_version(self, room_id) -> int:
+        return self.room_versions.get(room_id, 0)
+
+    def room_news_for(self, session_id, room_id) -> bool:
+        """Whether the room changed since this session's last usersInRoom (or it has none)."""
+        return self.seen_versions.get(session_id) != self.room_version(room_id)
+
+    def saw_room(self, session_id, version) -> None:
+        if len(self.seen_versions) > 10000:
+            self.seen_versions.clear()  # sessions gone long ago; the live ones answer once more
+        self.seen_versions[session_id] = version
 
     def room_changed(self, room_id, chat=False):
         """Wake the room's signaling polls (and chat polls when the room went).
@@ -7346,11 +8581,14 @@ class Talk:
         new message as news: the change may have cost them the room. Today's
         chat polls are woken too: the change may have written a system message.
         """
+        self.room_versions[room_id] = next(self._changes)
         self.notifier.taint(chat_key(room_id))
         keys = [room_key(room_id), modern_chat_key(room_id)]
         if chat:
             keys.append(chat_key(room_id))
         self.notifier.notify(*keys)  # news None: today's polls look again
+        if not chat:
+            self.bots.posted(room_id)
 
     def chat_posted(self, room_id, *rows, changed=False):
         """Wake the room's chat polls with the messages just committed (none
@@ -7366,6 +8604,7 @@ class Talk:
             if row["legacy_seq"] is not None:
                 self.notifier.notify(chat_key(room_id), news=row)
             self.notifier.notify(modern_chat_key(room_id), news=row)
+        self.bots.posted(room_id, rows)
 
     def expire_guests(self, token):
         """Delete guest rows inactive past the window, when there are any (SPEC 2)."""
@@ -7427,6 +8666,7 @@ class Talk:
 
     def close(self):
         self.shutdown()
+        self.bots.close()
         self.db.close()
 
 
@@ -7480,7 +8720,7 @@ def ocs_callback(talk, handler, who, generation=1, max_body=None):
             if fmt not in ("json", "xml"):
                 fmt = "json"
                 fail(400, "format must be json or xml")
-            actor = authenticate(talk, environ, need_user=(who == USERS))
+            actor = Actor() if who == BOT else authenticate(talk, environ, need_user=(who == USERS))
             if who != IMAGE and not csrf_ok(environ):
                 raise CSRFError()
             result = handler(Call(talk, actor, {**query, **body}, version), **url_args)
@@ -7505,6 +8745,15 @@ def ocs_callback(talk, handler, who, generation=1, max_body=None):
         if isinstance(result, Reply) and result.status == 304:
             bottle.response.status = 304  # today's chat: nothing new, and no body
             return b""
+        if isinstance(result, Shared):
+            body = result.entry.get((version, fmt))
+            if body is None:
+                body = envelope(version, fmt, 200, result.entry["data"])
+                result.entry[(version, fmt)] = body
+            else:
+                bottle.response.status = 200
+                bottle.response.content_type = CONTENT_TYPES[fmt]
+            return body
         if isinstance(result, Reply):
             return envelope(version, fmt, result.status, result.data)
         return envelope(version, fmt, 200, result)
@@ -7560,8 +8809,11 @@ def make_app(db_path, **options) -> bottle.Bottle:
     durability ("full" or "normal"), threads and reserve (the long-poll
     budget), time_scale (multiplies every long-poll wait; tests use a small
     one), max_body (bytes), stun_servers, turn_server, turn_secret,
-    signaling_queue_max, rooms_per_minute, throttle_free_failures. The app's state is `app.talk`; `app.talk.close()`
-    ends waits and closes the database.
+    signaling_queue_max, rooms_per_minute, throttle_free_failures,
+    public_url (the X-Nextcloud-Talk-Backend of webhooks; default: the URL
+    each request came to), webhook_timeout (seconds). The app's state is
+    `app.talk`; `app.talk.close()` ends waits, stops the webhook workers and
+    closes the database.
     """
     talk = Talk(db_path, **options)
     app = bottle.Bottle(catchall=True)
@@ -7790,10 +9042,10 @@ def serve_in_thread(db_path, host="127.0.0.1", threads=16, trusted_proxy=None, *
 # ---------------------------------------------------------------------------
 
 
-def die(message):
-    """Print one line to stderr and exit 1."""
+def die(message, code=1):
+    """Print one line to stderr and exit with `code` (1 unless a command names others)."""
     print(f"talk-server: {message}", file=sys.stderr)
-    raise SystemExit(1)
+    raise SystemExit(code)
 
 
 def env(name, default):
@@ -7849,6 +9101,11 @@ def parse_args(argv):
         default=env("TALK_TRUSTED_PROXY", ""),
         help="address of a reverse proxy whose X-Forwarded-For to believe (TALK_TRUSTED_PROXY)",
     )
+    serve.add_argument(
+        "--public-url",
+        default=env("TALK_PUBLIC_URL", ""),
+        help="this server's URL as bots reach it (X-Nextcloud-Talk-Backend; TALK_PUBLIC_URL)",
+    )
     serve.add_argument("--demo", action="store_true", help="add demo users alice, bob and carol")
 
     user = commands.add_parser("user", help="manage users").add_subparsers(dest="action", required=True)
@@ -7880,6 +9137,47 @@ def parse_args(argv):
         p = with_db(group.add_parser(action, help=f"{action.replace('-', ' ')} to or from a group"))
         p.add_argument("group")
         p.add_argument("user")
+
+    # Bots: Talk's occ talk:bot:* commands, their arguments, messages and exit codes.
+    bot = commands.add_parser("bot", help="manage webhook bots (occ talk:bot:*)").add_subparsers(
+        dest="action", required=True
+    )
+
+    def with_features(p):
+        p.add_argument(
+            "-f", "--feature", action="append", choices=[*BOT_FEATURES, "none"],
+            help="repeatable: webhook (receives messages), response (may write and react), "
+            "event, reaction (receives reactions), none",
+        )
+        return p
+
+    install = with_features(with_db(bot.add_parser("install", help="install a new bot")))
+    install.add_argument("name", help="the name its messages show (1-64 characters)")
+    install.add_argument("secret", help="the shared secret (40-128 characters)")
+    install.add_argument("url", help="its webhook, http:// or https://")
+    install.add_argument("description", nargs="?", default=None, help="shown to moderators")
+    install.add_argument("--description", dest="description_option", default=None)
+    install.add_argument("--no-setup", action="store_true",
+                         help="moderators cannot set it up; only `bot setup` can")
+    uninstall = with_db(bot.add_parser("uninstall", help="uninstall a bot"))
+    uninstall.add_argument("id", nargs="?", default="0")
+    uninstall.add_argument("--url", default="", help="the bot's URL, when no ID is given")
+    listing = with_db(bot.add_parser("list", help="list the bots (of a conversation)"))
+    listing.add_argument("token", nargs="?", default="")
+    listing.add_argument("--output", choices=("plain", "json", "json_pretty"), default="plain")
+    listing.add_argument("-v", "--verbose", action="store_true", help="with URL, secret and errors")
+    state = with_features(with_db(bot.add_parser("state", help="change a bot's state or features")))
+    state.add_argument("id")
+    state.add_argument("state", help="0 disabled, 1 enabled, 2 no setup by moderators")
+    for action, text in (("setup", "set a bot up in conversations"),
+                         ("remove", "remove a bot from conversations")):
+        p = with_db(bot.add_parser(action, help=text))
+        p.add_argument("id")
+        p.add_argument("token", nargs="*")
+        p.add_argument(
+            "--public-url", default=env("TALK_PUBLIC_URL", f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"),
+            help="the server's URL for the Join/Leave webhook (TALK_PUBLIC_URL)",
+        )
     return parser.parse_args(argv)
 
 
@@ -7991,6 +9289,137 @@ def run_group_command(args, database):
     print(f"group {args.group}: {action} done")
 
 
+def feature_flags(labels) -> int:
+    """Bot::featureLabelsToFlags: the sum of the labels; "none" is 0."""
+    if "none" in labels:
+        return 0
+    return sum({BOT_FEATURES[label] for label in labels})
+
+
+def valid_bot(name, secret, url, description) -> None:
+    """BotService::validateBotParameters, with its messages (exit 1)."""
+    if not 0 < len(name.encode("utf-8")) <= BOT_NAME_MAX:
+        die("The provided name is too short or too long (min. 1 char, max. 64 chars)")
+    if not BOT_SECRET_MIN <= len(secret.encode("utf-8")) <= BOT_SECRET_MAX:
+        die("The provided secret is too short (min. 40 chars, max. 128 chars)")
+    if len(url) > BOT_URL_MAX or not url.startswith(("http://", "https://")) or not urlsplit(url).hostname:
+        die("The provided URL is not a valid URL")
+    if len(description.encode("utf-8")) > BOT_DESCRIPTION_MAX:
+        die("The provided description is too long (max. 4000 chars)")
+
+
+def print_bots(bots, output, verbose) -> None:
+    """Bots as `occ talk:bot:list` shows them: a table, or JSON."""
+    rows = []
+    for bot in bots:
+        row = bot_admin_json(bot, secret=True)
+        row["features"] = feature_labels(row["features"])
+        if not verbose:
+            for key in ("url", "url_hash", "secret", "last_error_date", "last_error_message"):
+                del row[key]
+        rows.append(row)
+    if output != "plain":
+        print(json.dumps(rows, indent=4 if output == "json_pretty" else None, ensure_ascii=False))
+        return
+    if not rows:
+        return
+    table = [list(rows[0])] + [["" if v is None else str(v) for v in row.values()] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+def tell_bot(database, room, bot, kind, public_url) -> None:
+    """Send Join or Leave from the command line, waiting for the bot's answer."""
+    if not receives_http(bot, 0):
+        return
+    body = php_json(webhook_membership(room, bot, kind))
+    delivery = Delivery(bot["id"], bot["url"], bot["secret"], body, public_url.rstrip("/") + "/")
+    error = post_webhook(delivery, WEBHOOK_TIMEOUT)
+    if error is not None:
+        with database.write() as db:
+            count_bot_error(db, bot["id"], int(time.time()), error)
+
+
+def run_bot_command(args, database):
+    action = args.action
+    if action == "install":
+        description = args.description_option or args.description or ""
+        valid_bot(args.name, args.secret, args.url, description)
+        features = BOT_WEBHOOK | BOT_RESPONSE if not args.feature else feature_flags(args.feature)
+        with database.read() as db:
+            if bot_by_url(db, args.url) is not None:
+                die("Bot with the same URL is already registered", 2)
+        try:
+            with database.write() as db:
+                state = BOT_NO_SETUP if args.no_setup else BOT_ENABLED
+                bot_id = add_bot(db, args.name, args.secret, args.url, description, state, features)
+        except sqlite3.IntegrityError:
+            die("Bot with the same secret is already registered", 3)
+        print(f"Bot installed\nID: {bot_id}")
+        return
+    if action == "list":
+        with database.read() as db:
+            bots = list_bots(db)
+            if args.token:
+                room = room_by_token(db, args.token)
+                here = bot_ids_in_room(db, room["id"]) if room is not None else set()
+                bots = [bot for bot in bots if bot["id"] in here]
+        print_bots(bots, args.output, args.verbose)
+        return
+    if action == "uninstall":
+        bot_id = bot_id_of(args.id)
+        with database.read() as db:
+            bot = bot_by_id(db, bot_id) if bot_id else bot_by_url(db, args.url)
+        if bot is None:
+            die("Bot not found")
+        with database.write() as db:
+            delete_bot(db, bot["id"])  # its conversations go with it (ON DELETE CASCADE)
+        print("Bot uninstalled")
+        return
+    bot_id = bot_id_of(args.id)
+    if action == "state" and args.state not in ("0", "1", "2"):
+        die("Provided state is invalid")
+    with database.read() as db:
+        bot = bot_by_id(db, bot_id)
+    if bot is None:
+        die(f"Bot could not be found by id: {bot_id}")
+    if action == "state":
+        features = None if not args.feature else feature_flags(args.feature)
+        with database.write() as db:
+            set_bot_state(db, bot_id, int(args.state), features)
+        extra = "" if features is None else f" with features: {feature_labels(features)}"
+        print(f"Bot state set to {args.state}{extra}")
+        return
+    if action == "remove":
+        removed = []
+        with database.write() as db:
+            for token in args.token:
+                room = room_by_token(db, token)
+                if room is not None and unlink_bot(db, bot_id, room["id"]):
+                    removed.append(room)
+        print("Remove bot from given conversations")
+        for room in removed:
+            tell_bot(database, room, bot, "Leave", args.public_url)
+        return
+    code = 0  # setup: like Talk, the last failing token names the exit code
+    for token in args.token:
+        with database.write() as db:
+            room = room_by_token(db, token)
+            linked = room is not None and link_bot(db, bot_id, room["id"])
+        if room is None:
+            print(f"talk-server: Conversation could not be found by token: {token}", file=sys.stderr)
+            code = 2
+        elif not linked:
+            print(f"talk-server: Bot is already set up for the conversation {token}", file=sys.stderr)
+            code = 3
+        else:
+            print(f"Successfully set up for conversation {token}")
+            tell_bot(database, room, bot, "Join", args.public_url)
+    if code:
+        raise SystemExit(code)
+
+
 def run_backup(args):
     """Copy the database with SQLite's online backup: consistent while serving."""
     destination = Path(args.destination)
@@ -8053,6 +9482,7 @@ def run_serve(args):
             stun_servers=stun,
             turn_server=args.turn_server,
             turn_secret=args.turn_secret,
+            public_url=args.public_url,
         )
     except (sqlite3.Error, RuntimeError, OSError) as error:
         die(f"cannot open database {args.db}: {error}")
@@ -8095,6 +9525,8 @@ def main(argv=None):
     try:
         if args.command == "user":
             run_user_command(args, database)
+        elif args.command == "bot":
+            run_bot_command(args, database)
         else:
             run_group_command(args, database)
     finally:

@@ -19,6 +19,8 @@ from urllib.parse import urlencode
 
 HOST = "127.0.0.1"
 API = "/ocs/v2.php/apps/spreed/api/v1"
+API_V3 = "/ocs/v2.php/apps/spreed/api/v3"
+API_V4 = "/ocs/v2.php/apps/spreed/api/v4"
 NETWORK_ERRORS = (OSError, http.client.HTTPException)
 
 
@@ -36,10 +38,13 @@ class Http:
     def __init__(self, port, user=None, password=None, timeout=120):
         self.conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
         self.headers = auth_headers(user, password)
+        self.device = None  # the talk_device cookie: one device, as a phone app
 
     def raw(self, method, path, params=None, prefix=API) -> tuple[int, bytes]:
         """Send one request; (status, body bytes). The connection reopens if dropped."""
         headers = self.headers
+        if self.device:
+            headers = {**headers, "Cookie": f"talk_device={self.device}"}
         body = None
         if params is not None:
             if method == "GET":
@@ -50,14 +55,17 @@ class Http:
         try:
             self.conn.request(method, prefix + path, body, headers)
             response = self.conn.getresponse()
+            cookie = response.getheader("Set-Cookie") or ""
+            if cookie.startswith("talk_device="):
+                self.device = cookie.split(";", 1)[0].split("=", 1)[1]
             return response.status, response.read()
         except NETWORK_ERRORS:
             self.conn.close()
             raise
 
-    def ocs(self, method, path, params=None, expect=(200, 201)):
+    def ocs(self, method, path, params=None, expect=(200, 201), prefix=API):
         """The OCS data of an answer; raises when the status is not expected."""
-        status, body = self.raw(method, path, params)
+        status, body = self.raw(method, path, params, prefix)
         if status not in expect:
             raise RuntimeError(f"{method} {path}: HTTP {status}: {body[:200]!r}")
         return json.loads(body)["ocs"]["data"]
@@ -281,7 +289,82 @@ def send_latency(spec) -> dict:
     }
 
 
-MODES = {"throughput": throughput, "wake": wake, "send_latency": send_latency}
+def signaling_wake(spec) -> dict:
+    """Latency from a signaling v3 send's answer to its recipient's waiting poll answer, in ms.
+
+    Each receiver is one device (its own cookie and session) polling
+    GET /api/v3/signaling/{token}; one sender device holds a session in every
+    room. Before each send every receiver has been waiting `settle` seconds;
+    then one offer goes to one receiver, receivers in turn.
+    """
+    tokens, count, port = spec["tokens"], spec["receivers"], spec["port"]
+    sender = Http(port, spec["user"], spec["password"])
+    senders = [
+        sender.ocs("POST", f"/room/{t}/participants/active", {}, prefix=API_V4)["sessionId"]
+        for t in tokens
+    ]
+    cond = threading.Condition()
+    sessions, polling, arrivals = [None] * count, [False] * count, {}
+    errors = 0
+
+    def run(i):
+        nonlocal errors
+        client = Http(port, spec["user"], spec["password"])
+        path = f"/signaling/{tokens[i % len(tokens)]}"
+        joined = client.ocs("POST", f"/room/{tokens[i % len(tokens)]}/participants/active", {},
+                            prefix=API_V4)
+        with cond:
+            sessions[i] = joined["sessionId"]
+        while True:
+            with cond:
+                polling[i] = True
+                cond.notify_all()
+            try:
+                status, body = client.raw("GET", path, prefix=API_V3)
+            except NETWORK_ERRORS:
+                status, body = "network", b""
+            returned = time.perf_counter()
+            items = json.loads(body)["ocs"]["data"] if status == 200 else []
+            with cond:
+                polling[i] = False
+                errors += status != 200
+                for item in items[:-1]:
+                    arrivals[json.loads(item["data"])["payload"]["sdp"]] = returned
+                cond.notify_all()
+            if status != 200:
+                time.sleep(0.05)
+
+    for i in range(count):
+        threading.Thread(target=run, args=(i,), daemon=True).start()
+
+    def wait_for(predicate, timeout=60.0):
+        with cond:
+            if not cond.wait_for(predicate, timeout):
+                raise RuntimeError("receivers did not reach the expected state in time")
+
+    wait_for(lambda: all(sessions))
+    latencies = []
+    for k in range(spec["sends"]):
+        i = k % count
+        wait_for(lambda: all(polling))
+        time.sleep(spec["first_settle"] if k == 0 else spec["settle"])
+        fn = {"to": sessions[i], "type": "offer", "roomType": "video",
+              "payload": {"type": "offer", "sdp": f"wake {k}"}}
+        item = {"ev": "message", "fn": json.dumps(fn), "sessionId": senders[i % len(tokens)]}
+        sender.ocs("POST", f"/signaling/{tokens[i % len(tokens)]}",
+                   {"messages": json.dumps([item])}, prefix=API_V3)
+        sent = time.perf_counter()
+        wait_for(lambda: f"wake {k}" in arrivals)  # noqa: B023
+        latencies.append((arrivals[f"wake {k}"] - sent) * 1000)
+    return {"latencies_ms": latencies, "errors": errors}
+
+
+MODES = {
+    "throughput": throughput,
+    "wake": wake,
+    "send_latency": send_latency,
+    "signaling_wake": signaling_wake,
+}
 
 
 def main(argv=None):

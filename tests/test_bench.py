@@ -37,7 +37,7 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     figures = bench_figures()
-    assert len(figures) == 14
+    assert len(figures) == 15
     for figure in figures:
         assert figure in result.stdout
         assert figure in markdown.read_text()

@@ -35,6 +35,8 @@ SECTIONS = {
     id(talk_server.AUTOCOMPLETE_ROUTES): "## What is implemented",
     id(talk_server.ROUTES_V4): "### Today's API: conversations and participants (v4)",
     id(talk_server.CHAT_ROUTES): "### Chat on today's API",
+    id(talk_server.ROUTES_V3): "### Today's API: internal signaling (v3)",
+    id(talk_server.BOT_ROUTES): "## Bots",
 }
 
 
