@@ -17,7 +17,7 @@
  *   9. The composer: sending, replies, edits, @-autocomplete, polls
  *  10. Participants panel and conversation settings
  *  11. Connect a phone: app passwords and the QR code
- *  12. Calls: peers, screen sharing, raised hands, speaking
+ *  12. Calls (v4, signaling v3): peers, screen sharing, raised hands, speaking
  *  13. Start-up
  *
  * Security rule: text from the server only ever reaches the page through
@@ -33,13 +33,13 @@
 
   const SPREED = '/ocs/v2.php/apps/spreed/api';
   const V1 = SPREED + '/v1';
+  const V3 = SPREED + '/v3';
   const V4 = SPREED + '/v4';
   const CLOUD = '/ocs/v2.php/cloud';
   const CORE = '/ocs/v2.php/core';
   const CHAT_WAIT_S = 30; // the server holds a chat poll this long at most
   const POLL_GRACE_MS = 20000; // a poll silent this much past its wait is dead
   const REQUEST_TIMEOUT_MS = 20000;
-  const PING_MS = 5000; // keeps lastPing inside the server's 30 s window
   const ROOMS_REFRESH_MS = 10000;
   const ROOM_REFRESH_MS = 10000;
   const BACKOFF_MAX_MS = 30000;
@@ -895,7 +895,7 @@
     $('message-input').focus({ preventScroll: true });
     chatLoop(rs);
     signalingLoop(rs);
-    rs.timers.push(setInterval(() => ping(rs), PING_MS));
+    // No ping route (no-ping): the chat and signaling polls keep the session alive.
     rs.timers.push(setInterval(() => refreshRoom(rs), ROOM_REFRESH_MS));
     refreshParticipants(rs);
     // The future poll moves the read marker; the list hears of it soon after.
@@ -1010,7 +1010,7 @@
         if (wasInCall) closeAllPeers();
         await joinRoom(rs);
         renderRoomHeader(rs);
-        if (wasInCall) await api('POST', `/call/${rs.token}`, null, { base: V1, signal: rs.signal });
+        if (wasInCall) await api('POST', `/call/${rs.token}`, { flags: callFlags() }, { signal: rs.signal });
         return true;
       } catch (error) {
         if (!rs.alive || isAbort(error)) return false;
@@ -1129,13 +1129,13 @@
     }
   }
 
-  /** Long-poll GET /signaling/{token}: call offers and answers, and who is here. */
+  /** Long-poll GET /api/v3/signaling/{token}: call offers and answers, and who is here. */
   async function signalingLoop(rs) {
     let failures = 0;
     while (rs.alive) {
       try {
         const { data } = await api('GET', `/signaling/${rs.token}`, null, {
-          base: V1,
+          base: V3,
           signal: rs.signal,
           timeoutMs: 30000 + POLL_GRACE_MS,
         });
@@ -1155,19 +1155,10 @@
           }
         }
       } catch (error) {
+        // 409: our session ended (another join replaced it): join again.
+        if (error.status === 409 && rs.alive) error.status = 404;
         if (!(await loopFailed(rs, error, ++failures))) return;
       }
-    }
-  }
-
-  async function ping(rs) {
-    if (!rs.alive || !rs.sessionId || rs.recovering) return;
-    try {
-      await api('POST', `/call/${rs.token}/ping`, null, { base: V1, signal: rs.signal });
-    } catch (error) {
-      if (!rs.alive || isAbort(error)) return;
-      if (error instanceof NetworkError) reportDown(PING_MS);
-      else if (error.status === 404) recoverSession(rs);
     }
   }
 
@@ -2477,7 +2468,7 @@
   }
 
   // -------------------------------------------------------------------------
-  // 12. Calls: peers, screen sharing, raised hands, speaking
+  // 12. Calls (v4, signaling v3): peers, screen sharing, raised hands, speaking
   // -------------------------------------------------------------------------
 
   const call = {
@@ -2514,10 +2505,11 @@
   /** STUN and TURN from the server; a LAN without internet still connects on host candidates. */
   async function loadIceServers(rs) {
     try {
-      const { data } = await api('GET', '/signaling/settings', null, { base: V1, signal: rs.signal });
+      const { data } = await api('GET', '/signaling/settings', { token: rs.token }, { base: V3, signal: rs.signal });
       const servers = [];
       for (const stun of (data && data.stunservers) || []) {
-        if (stun && stun.url) servers.push({ urls: stun.url });
+        const urls = stun && (stun.urls || stun.url);
+        if (urls && urls.length) servers.push({ urls });
       }
       for (const turn of (data && data.turnservers) || []) {
         const urls = turn && (turn.urls || turn.url);
@@ -2543,7 +2535,7 @@
       // races the answer to this POST is not dropped.
       rs.inCall = true;
       showCallArea(rs);
-      await api('POST', `/call/${rs.token}`, null, { base: V1, signal: rs.signal });
+      await api('POST', `/call/${rs.token}`, { flags: callFlags() }, { signal: rs.signal });
       updatePeers(rs);
       renderCallButton(rs);
       call.speakingTimer = setInterval(() => detectSpeaking(rs), 400);
@@ -2568,7 +2560,15 @@
     document.body.classList.remove('in-call');
     renderCallButton(rs);
     renderHand();
-    if (tellServer) api('DELETE', `/call/${rs.token}`, null, { base: V1, keepalive: true }).catch(() => {});
+    if (tellServer) api('DELETE', `/call/${rs.token}`, null, { keepalive: true }).catch(() => {});
+  }
+
+  /** In-call flags of calls v4: 1 in the call, 2 with audio, 4 with video. */
+  function callFlags() {
+    let flags = 1;
+    if (call.local && call.local.getAudioTracks().length) flags |= 2;
+    if (call.local && call.local.getVideoTracks().length) flags |= 4;
+    return flags;
   }
 
   function stopLocal() {
@@ -2938,7 +2938,7 @@
       while (rs.alive && rs.outbox.length) {
         const batch = rs.outbox.splice(0, 40);
         try {
-          await api('POST', `/signaling/${rs.token}`, { messages: JSON.stringify(batch) }, { base: V1, signal: rs.signal });
+          await api('POST', `/signaling/${rs.token}`, { messages: JSON.stringify(batch) }, { base: V3, signal: rs.signal });
           failures = 0;
         } catch (error) {
           if (!rs.alive || isAbort(error)) return;
