@@ -680,7 +680,9 @@
     let items = [];
     let active = -1;
     let seq = 0;
+    let shown = '';
     const close = () => {
+      shown = '';
       listbox.hidden = true;
       listbox.replaceChildren();
       input.setAttribute('aria-expanded', 'false');
@@ -689,6 +691,11 @@
       active = -1;
     };
     const render = () => {
+      // The same suggestions again (a slower answer to an earlier keystroke):
+      // keep the nodes, so a pointer on one is not pulled away.
+      const key = items.map((item) => item.id).join('\n') + '|' + active;
+      if (key === shown && !listbox.hidden) return;
+      shown = key;
       listbox.replaceChildren(
         ...items.map((item, i) =>
           el(
@@ -735,7 +742,7 @@
         active = items.length ? 0 : -1;
         render();
       } catch (error) {
-        close();
+        if (mine === seq) close();
       }
     });
     input.addEventListener('keydown', (event) => {
@@ -751,7 +758,9 @@
         close();
       }
     });
-    input.addEventListener('blur', () => setTimeout(close, 150));
+    // Closed a moment after focus leaves (a click on a suggestion lands first),
+    // unless focus came back meanwhile.
+    input.addEventListener('blur', () => setTimeout(() => document.activeElement !== input && close(), 150));
     return { close };
   }
 
@@ -875,6 +884,7 @@
       } else {
         await joinRoom(rs);
       }
+      window.talkDebug.timings.joinedAt = performance.now();
       if (!rs.alive) return;
       rs.lastReadAtOpen = rs.room.lastReadMessage || 0;
       renderRoomHeader(rs);
@@ -1065,6 +1075,7 @@
       rs.signal,
     );
     if (!rs.alive) return;
+    window.talkDebug.timings.historyAt = performance.now();
     const batch = status === 304 || !Array.isArray(data) ? [] : data.slice().reverse();
     const given = Number(headers.get('X-Chat-Last-Given')) || 0;
     if (batch.length < HISTORY_PAGE) rs.historyDone = true;
@@ -1072,6 +1083,7 @@
     if (given) rs.oldestId = rs.oldestId ? Math.min(rs.oldestId, given) : given;
     rs.historyLoaded = true;
     $('message-list').dataset.ready = 'true';
+    window.talkDebug.timings.readyAt = performance.now();
   }
 
   /** Scrolled to the top: one more page of older messages. */
@@ -1556,6 +1568,16 @@
     node.className = known.node.className.includes('continued') ? node.className + ' continued' : node.className;
     known.node.replaceWith(node);
     rs.messages.set(message.id, { message: merged, node });
+    // Replies quote it: their quotes follow the edit or the delete.
+    if ('message' in message || 'messageType' in message) {
+      for (const other of rs.messages.values()) {
+        const parent = other.message.parent;
+        if (other.node && parent && !Array.isArray(parent) && parent.id === message.id) {
+          const quote = merged.messageType === 'comment_deleted' ? { id: merged.id, deleted: true } : { ...merged, parent: undefined };
+          updateMessage(rs, { id: other.message.id, parent: quote });
+        }
+      }
+    }
   }
 
   async function jumpTo(rs, id) {
@@ -3048,7 +3070,7 @@
       autoGrow();
       mentions.update();
     });
-    on('message-input', 'blur', () => setTimeout(mentions.close, 150));
+    on('message-input', 'blur', () => setTimeout(() => document.activeElement !== $('message-input') && mentions.close(), 150));
     on('reply-cancel', 'click', cancelReply);
     on('edit-cancel', 'click', cancelEdit);
     on('message-list', 'scroll', () => {
@@ -3150,6 +3172,7 @@
     sessionStorage.removeItem('talk-auth'); // what older versions kept: a password
     try {
       state.me = await retrying(() => whoAmI());
+      window.talkDebug.timings.signedInAt = performance.now();
     } catch (error) {
       state.me = null;
     }
