@@ -11,13 +11,13 @@ that has nothing but `lo` (as root)::
     unshare --net sh -c 'ip link set lo up && exec .venv/bin/python -m pytest tests/test_browser.py'
 
 Elsewhere the call test skips and the chat, guest and XSS tests still run.
-Screenshots go to tests/screenshots/ (gitignored); with TALK_SCREENSHOT=1
-the call screenshot also becomes docs/screenshot.png for the README.
+Screenshots go to tests/screenshots/ (gitignored); the README's pictures come
+from tests/test_browser_modern.py (TALK_SCREENSHOT=1).
 """
 
+import contextlib
 import os
 import re
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -34,7 +34,6 @@ except ImportError:  # the e2e extra is not installed
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "tests" / "screenshots"
-DOCS_SCREENSHOT = ROOT / "docs" / "screenshot.png"
 PASSWORD = "secret"
 USERS = {"alice": "Alice", "bob": "Bob"}
 PHONE = {"width": 390, "height": 844}
@@ -116,25 +115,34 @@ def browser(tmp_path_factory):
         browser.close()
 
 
-@pytest.fixture
-def server(tmp_path, password_hash):
-    """A real talk-server (Waitress, loopback port) with users alice and bob."""
+@contextlib.contextmanager
+def serving(tmp_path, password_hash, users):
+    """A real talk-server (Waitress, loopback port) with `users` {id: name}."""
     db_path = tmp_path / "talk.db"
     app = talk_server.make_app(db_path)
     with app.talk.db.write() as db:
-        for user_id, name in USERS.items():
+        for user_id, name in users.items():
             talk_server.create_user(db, user_id, password_hash, name)
     app.talk.close()
     with talk_server.serve_in_thread(db_path) as base_url:
         yield base_url
 
 
+@pytest.fixture
+def server(tmp_path, password_hash):
+    """A real talk-server with users alice and bob."""
+    with serving(tmp_path, password_hash, USERS) as base_url:
+        yield base_url
+
+
 class Person:
     """One browser profile (its own cookies and storage) with one page."""
 
-    def __init__(self, browser, base_url, viewport=DESKTOP):
+    def __init__(self, browser, base_url, viewport=DESKTOP, color_scheme="light"):
         self.base_url = base_url
-        self.context = browser.new_context(viewport=viewport, locale="en-GB")
+        self.context = browser.new_context(
+            viewport=viewport, locale="en-GB", color_scheme=color_scheme
+        )
         self.page = self.context.new_page()
         self.page.set_default_timeout(10_000)
         self.dialogs = []
@@ -200,6 +208,25 @@ class Person:
     def last_message(self):
         return self.by("message").last
 
+    def room_item(self, token):
+        return self.page.locator(f'[data-testid=room-item][data-token="{token}"]')
+
+    def message(self, text):
+        """The newest message whose own text (not a quote of it) holds `text`."""
+        text_node = self.page.get_by_test_id("message-text").filter(has_text=text)
+        return self.by("message").filter(has=text_node).last
+
+    def act(self, text, action):
+        """Hover a message (its toolbar shows) and press one of its actions."""
+        message = self.message(text)
+        message.hover()
+        message.locator(f"[data-action={action}]").click()
+
+    def mention(self, prefix, user_id):
+        """Type "@prefix" in the composer and pick `user_id` from the suggestions."""
+        self.by("message-input").press_sequentially(f"@{prefix}")
+        self.page.locator(f'[data-testid=mention-suggestion][data-id="{user_id}"]').click()
+
     def screenshot(self, name):
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         path = SCREENSHOTS / name
@@ -219,8 +246,8 @@ def people(browser, server):
     """make() a Person; all are closed before the server stops."""
     made = []
 
-    def make(viewport=DESKTOP):
-        person = Person(browser, server, viewport)
+    def make(viewport=DESKTOP, color_scheme="light"):
+        person = Person(browser, server, viewport, color_scheme)
         made.append(person)
         return person
 
@@ -516,11 +543,8 @@ def test_call_connects_and_decodes_video_over_loopback(people):
     alice.by("toggle-mic").click()
     expect(alice.by("toggle-mic")).to_have_attribute("aria-pressed", "false")
 
-    shot = alice.screenshot("call-desktop.png")
+    alice.screenshot("call-desktop.png")
     bob.screenshot("call-desktop-bob.png")
-    if os.environ.get("TALK_SCREENSHOT") == "1":
-        DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
-        shutil.copyfile(shot, DOCS_SCREENSHOT)
 
     # Bob hangs up: Alice's tile for him goes away.
     bob.by("call-hangup").click()

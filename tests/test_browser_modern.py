@@ -19,21 +19,21 @@ import urllib.error
 import urllib.request
 
 import pytest
-
-import talk_server
 from test_browser import (  # noqa: F401  (fixtures and the module's skip marks)
     CALL_STATS,
-    DESKTOP,
     PASSWORD,
     PHONE,
     ROOT,
     SCREENSHOTS,
     USERS,
-    Person,
     browser,
     needs_loopback_only,
+    people,
     pytestmark,
+    serving,
 )
+
+import talk_server
 
 try:
     from playwright.sync_api import expect
@@ -46,63 +46,8 @@ USERS_HERE = {**USERS, "carol": "Carol"}  # Carol never opens a browser: the API
 @pytest.fixture
 def server(tmp_path, password_hash):
     """A real talk-server with alice, bob and carol."""
-    db_path = tmp_path / "talk.db"
-    app = talk_server.make_app(db_path)
-    with app.talk.db.write() as db:
-        for user_id, name in USERS_HERE.items():
-            talk_server.create_user(db, user_id, password_hash, name)
-    app.talk.close()
-    with talk_server.serve_in_thread(db_path) as base_url:
+    with serving(tmp_path, password_hash, USERS_HERE) as base_url:
         yield base_url
-
-
-class Browser(Person):
-    """A Person whose context may prefer the dark colour scheme."""
-
-    def __init__(self, browser, base_url, viewport=DESKTOP, color_scheme="light"):
-        self.base_url = base_url
-        self.context = browser.new_context(
-            viewport=viewport, locale="en-GB", color_scheme=color_scheme
-        )
-        self.page = self.context.new_page()
-        self.page.set_default_timeout(10_000)
-        self.dialogs = []
-        self.errors = []
-        self.page.on("dialog", self._dialog)
-        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
-
-    def room_item(self, token):
-        return self.page.locator(f'[data-testid=room-item][data-token="{token}"]')
-
-    def message(self, text):
-        """The newest message whose own text (not a quote of it) holds `text`."""
-        text_node = self.page.get_by_test_id("message-text").filter(has_text=text)
-        return self.by("message").filter(has=text_node).last
-
-    def act(self, text, action):
-        """Hover a message (its toolbar shows) and press one of its actions."""
-        message = self.message(text)
-        message.hover()
-        message.locator(f"[data-action={action}]").click()
-
-    def mention(self, prefix, user_id):
-        """Type "@prefix" in the composer and pick `user_id` from the suggestions."""
-        self.by("message-input").press_sequentially(f"@{prefix}")
-        self.page.locator(f'[data-testid=mention-suggestion][data-id="{user_id}"]').click()
-
-
-@pytest.fixture
-def people(browser, server):
-    made = []
-
-    def make(viewport=DESKTOP, color_scheme="light"):
-        person = Browser(browser, server, viewport, color_scheme)
-        made.append(person)
-        return person
-
-    yield make
-    for person in made:
-        person.close()
 
 
 def ocs(base, method, path, user="alice", password=PASSWORD, data=None):
@@ -208,8 +153,7 @@ def test_connect_a_phone_makes_an_app_password_shown_as_a_qr_code(people):
     drawn = alice.by("phone-qr").locator("path").get_attribute("d")
     modules = {f"{int(x) - 4},{int(y) - 4}" for x, y in re.findall(r"M(\d+),(\d+)", drawn)}
     assert modules == set(alice.page.evaluate(QR_MODULES, expected))
-    shot = alice.screenshot("qr-panel.png")
-    keep(shot, "qr-panel.png")
+    alice.screenshot("qr-panel.png")
 
     # The app password works for what the apps ask first...
     status, me = ocs(alice.base_url, "GET", "/ocs/v2.php/cloud/user", "alice", password)
@@ -345,7 +289,9 @@ def test_two_users_and_a_guest_reply_mention_react_edit_delete_and_poll(people):
     guest.wait_chat_ready()
     guest.act("Ship it on Friday?", "react")
     guest.by("reaction-picker").locator("[data-emoji='🎉']").click()
-    reaction = alice.message("Ship it on Friday?").locator("[data-testid=reaction][data-emoji='🎉']")
+    reaction = alice.message("Ship it on Friday?").locator(
+        "[data-testid=reaction][data-emoji='🎉']"
+    )
     expect(reaction).to_have_text("🎉 1")
     expect(reaction).to_have_attribute("aria-pressed", "false")
     reaction.click()  # Alice adds hers by clicking the count
@@ -355,7 +301,9 @@ def test_two_users_and_a_guest_reply_mention_react_edit_delete_and_poll(people):
     expect(bobs).to_have_text("🎉 2")
     expect(bobs).to_have_attribute("aria-pressed", "false")
     guest.send("Great, see you then")
-    expect(alice.message("see you then").get_by_test_id("message-author")).to_have_text("Gita (guest)")
+    expect(alice.message("see you then").get_by_test_id("message-author")).to_have_text(
+        "Gita (guest)"
+    )
 
     # Alice edits her question; everyone sees the new text, marked edited.
     alice.act("Ship it on Friday?", "edit")
@@ -476,7 +424,10 @@ def test_moderator_settings_description_read_only_notifications_and_emoji_avatar
 
 def test_page_load_with_500_messages_is_measured_in_the_trace(people, server):
     status, room = ocs(
-        server, "POST", "/ocs/v2.php/apps/spreed/api/v4/room", data={"roomType": 2, "roomName": "Busy"}
+        server,
+        "POST",
+        "/ocs/v2.php/apps/spreed/api/v4/room",
+        data={"roomType": 2, "roomName": "Busy"},
     )
     assert status == 201
     now = int(time.time())
@@ -562,7 +513,10 @@ def test_call_joined_from_the_list_with_screen_share_hand_and_speaking(people):
 
     def connected():
         stats = [p.page.evaluate(CALL_STATS) for p in (alice, bob)]
-        ok = all(len(s) == 1 and s[0]["ice"] in ("connected", "completed") and s[0]["frames"] > 10 for s in stats)
+        ok = all(
+            len(s) == 1 and s[0]["ice"] in ("connected", "completed") and s[0]["frames"] > 10
+            for s in stats
+        )
         return stats if ok else None
 
     assert wait_for(connected), [p.page.evaluate(CALL_STATS) for p in (alice, bob)]
@@ -570,16 +524,19 @@ def test_call_joined_from_the_list_with_screen_share_hand_and_speaking(people):
     # Alice shares her screen: Bob sees it as a tile of its own, with frames.
     alice.by("toggle-screen").click()
     expect(alice.by("toggle-screen")).to_have_attribute("aria-pressed", "true")
-    expect(bob.page.locator("[data-testid=screen-tile][data-local=false]")).to_be_visible(timeout=15_000)
+    expect(bob.page.locator("[data-testid=screen-tile][data-local=false]")).to_be_visible(
+        timeout=15_000
+    )
     assert wait_for(lambda: bob.page.evaluate(SCREEN_STATS) > 5), bob.page.evaluate(SCREEN_STATS)
 
     # A raised hand shows on the other side; the speaking ring lights up.
     alice.by("toggle-hand").click()
-    expect(bob.page.locator("[data-testid=video-tile][data-local=false] [data-testid=tile-hand]")).to_be_visible()
+    expect(
+        bob.page.locator("[data-testid=video-tile][data-local=false] [data-testid=tile-hand]")
+    ).to_be_visible()
     remote = bob.page.locator("[data-testid=video-tile][data-local=false]")
     assert wait_for(lambda: remote.get_attribute("data-spoke") == "true", 20), "no speaking seen"
-    shot = bob.screenshot("call.png")
-    keep(shot, "call.png")
+    bob.screenshot("call.png")
     alice.screenshot("call-alice.png")
 
     # Alice stops sharing: the screen tile goes on Bob's side.
