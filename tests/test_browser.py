@@ -11,12 +11,13 @@ that has nothing but `lo` (as root)::
     unshare --net sh -c 'ip link set lo up && exec .venv/bin/python -m pytest tests/test_browser.py'
 
 Elsewhere the call test skips and the chat, guest and XSS tests still run.
-Screenshots go to tests/screenshots/ (gitignored); with TALK_SCREENSHOT=1
-the call screenshot also becomes docs/screenshot.png for the README.
+Screenshots go to tests/screenshots/ (gitignored); the README's pictures come
+from tests/test_browser_modern.py (TALK_SCREENSHOT=1).
 """
 
+import contextlib
 import os
-import shutil
+import re
 import socket
 import time
 from pathlib import Path
@@ -33,7 +34,6 @@ except ImportError:  # the e2e extra is not installed
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "tests" / "screenshots"
-DOCS_SCREENSHOT = ROOT / "docs" / "screenshot.png"
 PASSWORD = "secret"
 USERS = {"alice": "Alice", "bob": "Bob"}
 PHONE = {"width": 390, "height": 844}
@@ -115,25 +115,34 @@ def browser(tmp_path_factory):
         browser.close()
 
 
-@pytest.fixture
-def server(tmp_path, password_hash):
-    """A real talk-server (Waitress, loopback port) with users alice and bob."""
+@contextlib.contextmanager
+def serving(tmp_path, password_hash, users):
+    """A real talk-server (Waitress, loopback port) with `users` {id: name}."""
     db_path = tmp_path / "talk.db"
     app = talk_server.make_app(db_path)
     with app.talk.db.write() as db:
-        for user_id, name in USERS.items():
+        for user_id, name in users.items():
             talk_server.create_user(db, user_id, password_hash, name)
     app.talk.close()
     with talk_server.serve_in_thread(db_path) as base_url:
         yield base_url
 
 
+@pytest.fixture
+def server(tmp_path, password_hash):
+    """A real talk-server with users alice and bob."""
+    with serving(tmp_path, password_hash, USERS) as base_url:
+        yield base_url
+
+
 class Person:
     """One browser profile (its own cookies and storage) with one page."""
 
-    def __init__(self, browser, base_url, viewport=DESKTOP):
+    def __init__(self, browser, base_url, viewport=DESKTOP, color_scheme="light"):
         self.base_url = base_url
-        self.context = browser.new_context(viewport=viewport, locale="en-GB")
+        self.context = browser.new_context(
+            viewport=viewport, locale="en-GB", color_scheme=color_scheme
+        )
         self.page = self.context.new_page()
         self.page.set_default_timeout(10_000)
         self.dialogs = []
@@ -154,9 +163,12 @@ class Person:
         self.by("login-password").fill(PASSWORD)
         self.by("login-submit").click()
         expect(self.by("me-name")).to_have_text(USERS[user_id])
-        # Only an app password stays in the browser, never the user's own.
-        saved = self.page.evaluate("sessionStorage.getItem('talk-auth')")
-        assert saved and PASSWORD not in saved
+        # The session is the sign-in page's HttpOnly cookie: no password stays
+        # in the page's storage, and scripts cannot read the cookie.
+        stored = self.page.evaluate(
+            "JSON.stringify([{...sessionStorage}, {...localStorage}, document.cookie])"
+        )
+        assert PASSWORD not in stored and "talk_session" not in stored, stored
 
     def create_room(self, kind, name):
         """kind: "2" group, "3" public; returns the new room's token."""
@@ -196,6 +208,25 @@ class Person:
     def last_message(self):
         return self.by("message").last
 
+    def room_item(self, token):
+        return self.page.locator(f'[data-testid=room-item][data-token="{token}"]')
+
+    def message(self, text):
+        """The newest message whose own text (not a quote of it) holds `text`."""
+        text_node = self.page.get_by_test_id("message-text").filter(has_text=text)
+        return self.by("message").filter(has=text_node).last
+
+    def act(self, text, action):
+        """Hover a message (its toolbar shows) and press one of its actions."""
+        message = self.message(text)
+        message.hover()
+        message.locator(f"[data-action={action}]").click()
+
+    def mention(self, prefix, user_id):
+        """Type "@prefix" in the composer and pick `user_id` from the suggestions."""
+        self.by("message-input").press_sequentially(f"@{prefix}")
+        self.page.locator(f'[data-testid=mention-suggestion][data-id="{user_id}"]').click()
+
     def screenshot(self, name):
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         path = SCREENSHOTS / name
@@ -215,8 +246,8 @@ def people(browser, server):
     """make() a Person; all are closed before the server stops."""
     made = []
 
-    def make(viewport=DESKTOP):
-        person = Person(browser, server, viewport)
+    def make(viewport=DESKTOP, color_scheme="light"):
+        person = Person(browser, server, viewport, color_scheme)
         made.append(person)
         return person
 
@@ -274,7 +305,7 @@ def test_two_users_chat_in_real_time(people):
     assert time.monotonic() - started < 1.0
     expect(last.get_by_test_id("message-author")).to_have_text("Bob")
     assert alice.last_message().locator("time").get_attribute("datetime")
-    expect(bob.last_message()).to_have_class("message mine")
+    expect(bob.last_message()).to_have_class(re.compile(r"\bmine\b"))
 
     alice.screenshot("chat-desktop.png")
     bob.screenshot("chat-phone.png")
@@ -298,6 +329,7 @@ def test_guest_joins_public_room_with_password(people):
     guest = people(PHONE)
     guest.page.goto(link)
     expect(guest.by("guest-room-name")).to_have_text("Open house")
+    guest.by("guest-name").fill("Gita ☕")
     guest.by("guest-password").fill("wrong")
     guest.by("guest-join").click()
     expect(guest.by("guest-error")).to_contain_text("Wrong password")
@@ -310,8 +342,8 @@ def test_guest_joins_public_room_with_password(people):
     expect(alice.last_message().get_by_test_id("message-text")).to_have_text(
         "Hi from a guest ☕", timeout=1000
     )
-    expect(alice.last_message().get_by_test_id("message-author")).to_contain_text("Guest")
-    expect(guest.last_message()).to_have_class("message mine")
+    expect(alice.last_message().get_by_test_id("message-author")).to_have_text("Gita ☕ (guest)")
+    expect(guest.last_message()).to_have_class(re.compile(r"\bmine\b"))
 
     alice.send("Welcome! 👋")
     expect(guest.last_message().get_by_test_id("message-text")).to_have_text(
@@ -341,7 +373,8 @@ def test_messages_are_text_never_html(people):
         expect(alice.last_message().get_by_test_id("message-text")).to_have_text(payload)
     for person in (alice, bob):
         messages = person.by("message-list")
-        for tag in ("img", "script", "svg", "b"):
+        # Only the page's own avatars are pictures; nothing from a message is markup.
+        for tag in ("img:not(.avatar-img)", "[onerror]", "script", "svg", "b"):
             assert messages.locator(tag).count() == 0, tag
         texts = person.by("message-text").all_text_contents()
         assert texts == payloads
@@ -372,7 +405,12 @@ def test_banner_when_server_unreachable_then_recovers(people):
 
 def test_moderator_manages_room_and_participants(people):
     alice, bob, token = shared_room(people, "Planning")
-    expect(bob.by("room-settings")).to_be_hidden()  # Bob is a plain user (type 3)
+    # Bob is a plain user (type 3): his settings are his own (notifications, leaving).
+    bob.by("room-settings").click()
+    expect(bob.by("settings-notify")).to_be_visible()
+    expect(bob.by("settings-name")).to_be_hidden()
+    expect(bob.by("settings-delete")).to_be_hidden()
+    bob.page.keyboard.press("Escape")
 
     alice.by("participants-toggle").click()
     bob_row = alice.page.locator('[data-testid=participant][data-user="bob"]')
@@ -413,33 +451,30 @@ def test_moderator_manages_room_and_participants(people):
     alice.by("room-settings").click()
     alice.by("settings-delete").click()
     alice.by("settings-delete").click()  # the second click confirms
-    # Not "You are no longer in this conversation", which her own long-poll's
-    # 404 used to show when it answered before the DELETE did.
     expect(alice.by("toast")).to_have_text("The conversation was deleted.")
     expect(alice.page.locator(f'[data-testid=room-item][data-token="{token}"]')).to_have_count(0)
     alice.assert_clean()
     bob.assert_clean()
 
 
-def test_same_user_in_two_windows_does_not_fight_over_the_session(people):
+def test_same_user_in_two_windows_keeps_both_in_the_conversation(people):
+    """On API v4 each browser is a device with its own session: no tug of war."""
     first, second = people(), people()
     first.sign_in("alice")
     token = first.create_room("2", "Two windows")
     second.sign_in("alice")
-    second.open_room(token)  # takes alice's one session in the room
-    expect(first.by("use-here")).to_be_visible(timeout=10_000)
-    second.page.wait_for_timeout(4000)  # longer than a ping: no tug of war
-    expect(second.by("room-notice")).to_be_hidden()
-    second.send("still here")
-    expect(second.last_message().get_by_test_id("message-text")).to_have_text("still here")
-
-    first.by("use-here").click()
-    expect(first.by("room-notice")).to_be_hidden()
-    expect(second.by("use-here")).to_be_visible(timeout=10_000)
-    first.send("back here")
-    expect(first.last_message().get_by_test_id("message-text")).to_have_text("back here")
-    first.assert_clean()
-    second.assert_clean()
+    second.open_room(token)
+    second.send("from the second window")
+    expect(first.last_message().get_by_test_id("message-text")).to_have_text(
+        "from the second window"
+    )
+    first.send("from the first window")
+    expect(second.last_message().get_by_test_id("message-text")).to_have_text(
+        "from the first window"
+    )
+    for person in (first, second):
+        expect(person.by("room-notice")).to_be_hidden()
+        person.assert_clean()
 
 
 CALL_STATS = """
@@ -508,11 +543,8 @@ def test_call_connects_and_decodes_video_over_loopback(people):
     alice.by("toggle-mic").click()
     expect(alice.by("toggle-mic")).to_have_attribute("aria-pressed", "false")
 
-    shot = alice.screenshot("call-desktop.png")
+    alice.screenshot("call-desktop.png")
     bob.screenshot("call-desktop-bob.png")
-    if os.environ.get("TALK_SCREENSHOT") == "1":
-        DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
-        shutil.copyfile(shot, DOCS_SCREENSHOT)
 
     # Bob hangs up: Alice's tile for him goes away.
     bob.by("call-hangup").click()

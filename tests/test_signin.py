@@ -249,6 +249,12 @@ def test_sign_out_needs_the_session_csrf_token(browser):
     browser.get(CLOUD + "/user", headers=OCS, status=401)
 
 
+def test_sign_out_from_the_browser_client_proves_itself_with_the_ocs_header(browser):
+    sign_in(browser)
+    assert browser.post("/index.php/logout", headers=OCS, status=303)
+    browser.get(CLOUD + "/user", headers=OCS, status=401)
+
+
 def test_bad_form_bodies_are_html_errors(browser):
     answer = browser.post(
         "/index.php/login",
