@@ -6818,7 +6818,8 @@ def signaling_settings(rq):
         "server": "",
         "ticket": "",
         "stunservers": [{"url": secrets.choice(stun)}] if stun else [],
-        "turnservers": [{"url": entry["urls"], **entry} for entry in turn],
+        # Only users and joined guests: anyone else would have an open relay.
+        "turnservers": [{"url": entry["urls"], **entry} for entry in turn] if may_relay(rq) else [],
     }
 
 
