@@ -54,6 +54,8 @@ class Server:
         env = {**os.environ, "TALK_ADMIN_PASSWORD": "admin-secret", "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, str(SERVER_SCRIPT), "serve", "--db", str(db_path)]
         command += ["--port", str(self.port), "--threads", str(threads)]
+        # These tests send hundreds of messages from one client: no rate limit.
+        command += ["--chat-per-minute", "1000000", "--signaling-per-minute", "1000000"]
         self.process = subprocess.Popen(command, stdout=self.log, stderr=self.log, env=env)
         self.log_path = log_path
         self._wait_ready()
