@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 from conftest import START, Client
 from helpers import scalar
+from served import serve_users
 
 import talk_server
 
@@ -677,13 +678,7 @@ def test_capabilities_list_the_call_features(make_client):
 @pytest.fixture
 def served(tmp_path, password_hash):
     """The real server (Waitress, loopback) with alice and bob, no STUN server (offline)."""
-    path = tmp_path / "served.db"
-    app = talk_server.make_app(path)
-    with app.talk.db.write() as db:
-        for user_id in ("alice", "bob"):
-            talk_server.create_user(db, user_id, password_hash, user_id.capitalize())
-    app.talk.close()
-    with talk_server.serve_in_thread(path, stun_servers=(), time_scale=0.1) as url:
+    with serve_users(tmp_path, password_hash, stun_servers=(), time_scale=0.1) as url:
         yield url
 
 
