@@ -1442,10 +1442,11 @@ def sessions_of_room(db, room_id: int) -> list[sqlite3.Row]:
 
 
 def device_session(sessions, device, live_since):
-    """The session a device holds among a participant's (newest first), else the newest live one."""
-    for row in sessions:
-        if device is not None and row["device"] == device:
-            return row
+    """The session a device holds among a participant's (newest first). A client
+    without a device cookie (no cookie jar) gets the newest live one; a device
+    that left gets none, as in Talk, and never rides another device's session."""
+    if device is not None:
+        return next((row for row in sessions if row["device"] == device), None)
     for row in sessions:
         if row["last_ping"] > live_since:
             return row
@@ -4122,7 +4123,7 @@ class Call:
 
     def own_session(self, db, me):
         """The caller's session among its attendee row's: the one its device cookie
-        names, else its newest live one (SPEC 11); None without either."""
+        names; without a cookie its newest live one (SPEC 11); else None."""
         if me is None:
             return None
         return device_session(sessions_of(db, me["id"]), self.device(), self.now - ACTIVE_SECONDS)

@@ -456,7 +456,7 @@ def test_room_events_wake_waiting_polls(app, alice, bob, guest, room, frozen, ev
     new usersInRoom."""
     token, s = room
     removed = {"make private": guest, "remove the guest": guest, "remove bob": bob}[event]
-    polls = {name: in_background(lambda c=c: receive(c, token, status=None))
+    polls = {name: in_background(lambda c=c: receive(c, token, status="*"))
              for name, c in (("alice", alice), ("removed", removed))}
     wait_until(lambda: frozen.waiting == 2)
     if event == "make private":
