@@ -695,61 +695,48 @@ def phases(bench: Bench, s: Settings, rows: dict, errors: list):
         talk = bench.start_talk(threads=s.wake_threads)
         talk.wait_ready()
         login(talk.port, "poll")  # once, so the receivers find their password cached
-        (chat,) = bench.clients(
-            [
-                {
-                    "mode": "wake",
-                    "port": talk.port,
-                    "user": "poll",
-                    "password": PASSWORD,
-                    "tokens": wake_rooms,
-                    "offsets": [0] * s.wake_rooms,
-                    "receivers": s.wake_receivers,
-                    "sends": s.wake_sends,
-                    "first_settle": 0.5,
-                    "settle": 0.1,
-                    "server_pid": talk.pid,
-                }
-            ],
-            timeout=300,
-        )
-        latencies = chat["latencies_ms"]
-        median, p99 = statistics.median(latencies), percentile(latencies, 0.99)
+        def wake(**extra):
+            """Latencies (ms) and the client's report of one wake-up run."""
+            (result,) = bench.clients(
+                [
+                    {
+                        "mode": "wake",
+                        "port": talk.port,
+                        "user": "poll",
+                        "password": PASSWORD,
+                        "tokens": wake_rooms,
+                        "offsets": [0] * s.wake_rooms,
+                        "receivers": s.wake_receivers,
+                        "sends": s.wake_sends,
+                        "first_settle": 0.5,
+                        "settle": 0.1,
+                        "server_pid": talk.pid,
+                        **extra,
+                    }
+                ],
+                timeout=300,
+            )
+            latencies = result["latencies_ms"]
+            median, p99 = statistics.median(latencies), percentile(latencies, 0.99)
+            measured = f"median {median:.2f} ms, p99 {p99:.2f} ms (max {max(latencies):.1f} ms)"
+            return result, measured, len(latencies), median <= 3 and p99 <= 20
+
+        chat, measured, samples, ok = wake()
         rows["wake"] = {
             "conditions": f"--threads {s.wake_threads}, {s.wake_receivers} receivers in "
-            f"{s.wake_rooms} rooms, {s.wake_sends} sends, {len(latencies)} samples",
-            "measured": f"median {median:.2f} ms, p99 {p99:.2f} ms (max {max(latencies):.1f} ms)",
-            "ok": median <= 3 and p99 <= 20,
+            f"{s.wake_rooms} rooms, {s.wake_sends} sends, {samples} samples",
+            "measured": measured,
+            "ok": ok,
         }
         waiting_kb = max(chat["rss_kb"])
-        (modern,) = bench.clients(
-            [
-                {
-                    "mode": "wake",
-                    "modern": True,
-                    "port": talk.port,
-                    "user": "poll",
-                    "password": PASSWORD,
-                    "tokens": wake_rooms,
-                    "offsets": [0] * s.wake_rooms,
-                    "receivers": s.wake_receivers,
-                    "sends": s.wake_sends,
-                    "first_settle": 0.5,
-                    "settle": 0.1,
-                    "server_pid": talk.pid,
-                }
-            ],
-            timeout=300,
-        )
-        latencies = modern["latencies_ms"]
-        median, p99 = statistics.median(latencies), percentile(latencies, 0.99)
+        modern, measured, samples, ok = wake(modern=True)
         rows["wake_v2"] = {
             "conditions": f"--threads {s.wake_threads}, {s.wake_receivers} receivers in "
             f"{s.wake_rooms} rooms polling lookIntoFuture=1, {s.wake_sends} sends, "
-            f"{len(latencies)} samples",
-            "measured": f"median {median:.2f} ms, p99 {p99:.2f} ms (max {max(latencies):.1f} ms)"
+            f"{samples} samples",
+            "measured": measured
             + (f", {modern['errors']} failed polls" if modern["errors"] else ""),
-            "ok": median <= 3 and p99 <= 20,
+            "ok": ok,
         }
         # The same budget for signaling v3: one device (cookie, session) per receiver;
         # each answer takes its messages and refreshes the session in one write.

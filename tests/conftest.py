@@ -175,6 +175,32 @@ def make_client(app):
     return make
 
 
+# --- Clients on today's API (v4) ---------------------------------------------
+
+V4 = "/ocs/v2.php/apps/spreed/api/v4"
+
+
+@pytest.fixture
+def v4(make_client):
+    """v4("bob") is a new device of bob's on API v4 (its own cookie jar); v4() a guest's."""
+    return lambda user=None: make_client(user, prefix=V4)
+
+
+@pytest.fixture
+def a(v4):
+    return v4("alice")
+
+
+@pytest.fixture
+def b(v4):
+    return v4("bob")
+
+
+@pytest.fixture
+def c(v4):
+    return v4("carol")
+
+
 # --- Rooms shared by the room and participant tests --------------------------
 
 

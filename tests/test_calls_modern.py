@@ -32,27 +32,6 @@ SESSION_FIELDS = {
 # --- Helpers -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def v4(make_client):
-    """v4("bob") is a new device of bob's on API v4 (its own cookie jar); v4() a guest's."""
-    return lambda user=None: make_client(user, prefix=V4)
-
-
-@pytest.fixture
-def a(v4):
-    return v4("alice")
-
-
-@pytest.fixture
-def b(v4):
-    return v4("bob")
-
-
-@pytest.fixture
-def c(v4):
-    return v4("carol")
-
-
 def team(a, *users, room_type=2):
     """A conversation "Team" of alice's with `users` added; nobody joined."""
     token = a.post("/room", {"roomType": room_type, "roomName": "Team"}, status=201).data["token"]

@@ -27,11 +27,6 @@ MESSAGE_FIELDS = {
 }
 
 
-@pytest.fixture
-def v4(make_client):
-    return lambda user=None: make_client(user, prefix=V4)
-
-
 def team(alice, *users):
     """A group conversation of alice with `users` (ids) added."""
     token = alice.post("/room", {"roomType": 2, "roomName": "Team"}, status=201).data["token"]

@@ -33,31 +33,6 @@ ATTENDEE_FIELDS = {
 }
 
 
-@pytest.fixture
-def v4(make_client):
-    """v4("alice") is alice's client on API v4; v4() a guest's."""
-
-    def make(user=None):
-        return make_client(user, prefix=V4)
-
-    return make
-
-
-@pytest.fixture
-def a(v4):
-    return v4("alice")
-
-
-@pytest.fixture
-def b(v4):
-    return v4("bob")
-
-
-@pytest.fixture
-def c(v4):
-    return v4("carol")
-
-
 def create(client, room_type=2, status=201, **params):
     params.setdefault("roomName", "Team") if room_type in (2, 3) and "invite" not in params else None
     return client.post("/room", {"roomType": room_type, **params}, status=status).data
