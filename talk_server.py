@@ -4273,30 +4273,36 @@ def login_keys(environ, user_id: str) -> tuple:
 
 class RateLimit:
     """At most `limit` events (or bytes: `weight`) per key in a sliding minute
-    (room creation, chat, signaling)."""
+    (room creation, chat, signaling). Each key keeps its events oldest first
+    with their running total, so a take costs the same at any limit."""
 
     def __init__(self, limit, seconds=60.0, clock=time.monotonic):
         self.limit = limit
         self.seconds = seconds
         self.clock = clock
-        self._events: dict[object, list[tuple[float, int]]] = {}
+        self._events: dict[object, list] = {}  # key -> [deque of (time, weight), total]
         self._lock = threading.Lock()
 
     def take(self, key, what: str, weight: int = 1) -> None:
         now = self.clock()
+        since = now - self.seconds
         with self._lock:
             if len(self._events) > 10000:  # forget the quiet ones
                 self._events = {
-                    k: e for k, e in self._events.items() if e and e[-1][0] > now - self.seconds
+                    k: e for k, e in self._events.items() if e[0] and e[0][-1][0] > since
                 }
-            recent = [(t, w) for t, w in self._events.get(key, ()) if t > now - self.seconds]
-            if recent and sum(w for _, w in recent) + weight > self.limit:
-                self._events[key] = recent
+            entry = self._events.get(key)
+            if entry is None:
+                entry = self._events[key] = [collections.deque(), 0]
+            recent = entry[0]
+            while recent and recent[0][0] <= since:
+                entry[1] -= recent.popleft()[1]
+            if recent and entry[1] + weight > self.limit:
                 retry = int(recent[0][0] + self.seconds - now) + 1
                 bottle.response.set_header("Retry-After", str(retry))
                 fail(429, f"At most {self.limit} {what} a minute; try again in {retry} s")
             recent.append((now, weight))
-            self._events[key] = recent
+            entry[1] += weight
 
 
 class Flow:

@@ -606,6 +606,27 @@ def test_chat_is_rate_limited_per_session_and_refills(app, alice, clock):
     guest.post(f"/chat/{token}", {"message": "a minute later"}, status=201)
 
 
+def test_a_rate_limit_window_slides_event_by_event():
+    """Events leave the minute one by one, weights count, and keys are apart."""
+    now = [0.0]
+    limit = talk_server.RateLimit(10, clock=lambda: now[0])
+    for _ in range(6):
+        limit.take("a", "things")
+    now[0] = 30.0
+    limit.take("a", "things", weight=4)
+    with pytest.raises(talk_server.OCSError) as refused:
+        limit.take("a", "things")
+    assert refused.value.status == 429
+    limit.take("b", "things", weight=10)  # another key has its own minute
+    now[0] = 60.0  # the first six are a minute old: gone, the weight-4 one stays
+    for _ in range(6):
+        limit.take("a", "things")
+    with pytest.raises(talk_server.OCSError):
+        limit.take("a", "things")
+    now[0] = 90.0
+    limit.take("a", "things", weight=4)
+
+
 def test_chat_bytes_are_limited_per_session(app, alice):
     token = create(alice, 3, roomName="Open")
     guest = Client(app)
