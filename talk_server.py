@@ -164,6 +164,7 @@ WEBHOOK_TIMEOUT = 5  # seconds a bot has to answer; no retry (as Talk)
 WEBHOOK_QUEUE_MAX = 64  # deliveries waiting; more are dropped and counted as errors
 WEBHOOK_WORKERS = 2  # threads delivering, started with the first webhook
 WEBHOOK_BATCH = 100  # new messages one look hands to the bots
+RETRY_DELAY = 0.5  # seconds before an outbox tries a failed delivery again (then twice that)
 MENTIONS_LIMIT_DEFAULT = 20
 POLL_PUBLIC, POLL_HIDDEN = 0, 1
 POLL_OPEN, POLL_CLOSED = 0, 1
@@ -4710,35 +4711,31 @@ def session_key(session_id):
 
 @dataclass
 class Delivery:
-    """One signed POST to one bot, waiting in the queue."""
+    """One signed POST waiting in an Outbox: to `url`, with `headers` (the
+    signature among them) and the JSON text `body`. `failed(error)` is told
+    when every attempt failed (or the queue was full)."""
 
-    bot_id: int
     url: str
-    secret: str
     body: str
-    backend: str
+    headers: dict
+    failed: object = None
+    attempts: int = 1
 
 
-def post_webhook(delivery: Delivery, timeout: float, track=None) -> str | None:
-    """POST a webhook as BotService::sendAsyncRequest does; the error (counted
-    by the caller) or None when the bot answered 200 or 202.
+def post_signed(delivery: Delivery, timeout: float, track=None) -> str | None:
+    """POST a delivery once; the error, or None when the receiver answered 200 or 202.
 
     `track(connection)` is told of the connection while it is open (and
-    `track(None)` after), so that closing the app can cut a hanging bot off.
+    `track(None)` after), so that closing the app can cut a hanging receiver off.
     """
     import http.client  # here: it imports the email package, which a server without bots never needs
 
     parts = urlsplit(delivery.url)
     connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    random = new_secret(WEBHOOK_RANDOM_LENGTH)
-    body = delivery.body.encode("utf-8")
     headers = {
         "Content-Type": "application/json",
-        "X-Nextcloud-Talk-Random": random,
-        "X-Nextcloud-Talk-Signature": bot_signature(delivery.secret, random, delivery.body),
-        "X-Nextcloud-Talk-Backend": delivery.backend,
-        "OCS-APIRequest": "true",
         "User-Agent": f"talk-server/{__version__}",
+        **delivery.headers,
     }
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
@@ -4748,7 +4745,7 @@ def post_webhook(delivery: Delivery, timeout: float, track=None) -> str | None:
     try:
         if track is not None:
             track(connection)
-        connection.request("POST", path, body, headers)
+        connection.request("POST", path, delivery.body.encode("utf-8"), headers)
         status = connection.getresponse().status
     except (OSError, http.client.HTTPException) as error:
         return f"{type(error).__name__}: {error}"
@@ -4759,6 +4756,18 @@ def post_webhook(delivery: Delivery, timeout: float, track=None) -> str | None:
     if status not in (200, 202):
         return f"UnexpectedStatusCode: {status}"
     return None
+
+
+def webhook_delivery(bot, body: str, backend: str, failed=None) -> Delivery:
+    """A webhook as BotService::sendAsyncRequest signs it: random + raw body."""
+    random = new_secret(WEBHOOK_RANDOM_LENGTH)
+    headers = {
+        "X-Nextcloud-Talk-Random": random,
+        "X-Nextcloud-Talk-Signature": bot_signature(bot["secret"], random, body),
+        "X-Nextcloud-Talk-Backend": backend,
+        "OCS-APIRequest": "true",
+    }
+    return Delivery(bot["url"], body, headers, failed)
 
 
 def backend_url(talk) -> str:
@@ -4778,23 +4787,18 @@ def receives_http(bot, feature: int) -> bool:
     return not bot["features"] & BOT_EVENT and (feature == 0 or bool(bot["features"] & feature))
 
 
-class Webhooks:
-    """Tells the bots of a conversation what happens in it.
+class Outbox:
+    """A small bounded queue of signed POSTs, delivered off the request thread.
 
-    The request thread that changed something builds the webhooks and queues
-    them; WEBHOOK_WORKERS threads, started with the first, POST them with a
-    timeout. A slow or dead bot holds one worker, never a request; when the
-    queue is full, the webhook is dropped and counted as the bot's error.
-
-    Which messages a bot has not seen yet: for each conversation with bots,
-    the seq of the last message looked at. Whatever wrote a message (a send,
-    a system message of any room operation), the next chat_posted or
-    room_changed hands everything after that seq to the bots, once.
+    The request thread that changed something queues deliveries; `workers`
+    threads, started with the first, POST them with a timeout, trying each
+    up to its `attempts` times (RETRY_DELAY seconds apart, growing). A slow
+    or dead receiver holds one worker, never a request; when the queue is
+    full, the delivery is dropped and its `failed` is told.
     """
 
-    def __init__(self, talk, timeout=WEBHOOK_TIMEOUT, queue_max=WEBHOOK_QUEUE_MAX,
-                 workers=WEBHOOK_WORKERS):
-        self.talk = talk
+    def __init__(self, name, timeout, queue_max, workers):
+        self.name = name
         self.timeout = timeout
         self.queue_max = queue_max
         self.workers = workers
@@ -4804,6 +4808,93 @@ class Webhooks:
         self._open: dict[int, object] = {}  # worker thread id -> its open connection
         self._pending = 0  # queued or being delivered
         self.closed = False
+
+    def put(self, delivery: Delivery) -> None:
+        """Queue a delivery; a full queue drops it (its `failed` is told)."""
+        with self._cond:
+            if self.closed:
+                return
+            full = len(self._queue) >= self.queue_max
+            if not full:
+                self._queue.append(delivery)
+                self._pending += 1
+                while len(self._threads) < self.workers:
+                    thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+                    self._threads.append(thread)
+                    thread.start()
+                self._cond.notify()
+        if full and delivery.failed is not None:
+            delivery.failed("Queue full: the request was dropped")
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self.closed:
+                    self._cond.wait()
+                if self.closed:
+                    return
+                delivery = self._queue.popleft()
+            try:
+                self._deliver(delivery)
+            finally:
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
+
+    def _deliver(self, delivery: Delivery) -> None:
+        for attempt in range(1, delivery.attempts + 1):
+            error = post_signed(delivery, self.timeout, self._track)
+            if error is None or self.closed:
+                return
+            if attempt < delivery.attempts:
+                with self._cond:  # a pause that closing cuts short
+                    self._cond.wait_for(lambda: self.closed, RETRY_DELAY * attempt)
+        if delivery.failed is not None:
+            delivery.failed(error)
+
+    def _track(self, connection) -> None:
+        with self._cond:
+            if connection is None:
+                self._open.pop(threading.get_ident(), None)
+            else:
+                self._open[threading.get_ident()] = connection
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued delivery was made (or failed); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the workers: queued deliveries are dropped, open ones cut off."""
+        with self._cond:
+            self.closed = True
+            self._queue.clear()
+            connections = list(self._open.values())
+            self._cond.notify_all()
+        for connection in connections:
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout)
+
+
+class Webhooks(Outbox):
+    """Tells the bots of a conversation what happens in it, one webhook each,
+    through the outbox (no retry, as Talk); a failure or a full queue counts
+    as the bot's error.
+
+    Which messages a bot has not seen yet: for each conversation with bots,
+    the seq of the last message looked at. Whatever wrote a message (a send,
+    a system message of any room operation), the next chat_posted or
+    room_changed hands everything after that seq to the bots, once.
+    """
+
+    def __init__(self, talk, timeout=WEBHOOK_TIMEOUT, queue_max=WEBHOOK_QUEUE_MAX,
+                 workers=WEBHOOK_WORKERS):
+        super().__init__("talk-webhooks", timeout, queue_max, workers)
+        self.talk = talk
         self._look = threading.Lock()
         with talk.db.read() as db:
             self._seen = {row["id"]: row["last_seq"] for row in rooms_with_bots(db)}
@@ -4874,73 +4965,20 @@ class Webhooks:
     # --- Delivery -----------------------------------------------------------
 
     def send(self, bot, body: dict, backend: str) -> None:
-        """Queue a webhook for a bot; a full queue drops it as the bot's error."""
-        delivery = Delivery(bot["id"], bot["url"], bot["secret"], php_json(body), backend)
-        with self._cond:
-            if self.closed:
-                return
-            full = len(self._queue) >= self.queue_max
-            if not full:
-                self._queue.append(delivery)
-                self._pending += 1
-                while len(self._threads) < self.workers:
-                    thread = threading.Thread(target=self._work, name="talk-webhooks", daemon=True)
-                    self._threads.append(thread)
-                    thread.start()
-                self._cond.notify()
-        if full:
-            self._count_error(delivery.bot_id, "Queue full: the webhook was dropped")
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self.closed:
-                    self._cond.wait()
-                if self.closed:
-                    return
-                delivery = self._queue.popleft()
-            try:
-                error = post_webhook(delivery, self.timeout, self._track)
-                if error is not None and not self.closed:
-                    self._count_error(delivery.bot_id, error)
-            finally:
-                with self._cond:
-                    self._pending -= 1
-                    self._cond.notify_all()
-
-    def _track(self, connection) -> None:
-        with self._cond:
-            if connection is None:
-                self._open.pop(threading.get_ident(), None)
-            else:
-                self._open[threading.get_ident()] = connection
+        """Queue a webhook for a bot; failing, or dropped from a full queue, it
+        counts as the bot's error."""
+        bot_id = bot["id"]
+        self.put(webhook_delivery(bot, php_json(body), backend,
+                                  lambda error: self._count_error(bot_id, error)))
 
     def _count_error(self, bot_id, message) -> None:
+        if self.closed:
+            return
         try:
             with self.talk.db.write() as db:
                 count_bot_error(db, bot_id, int(self.talk.clock()), message[:4000])
         except (sqlite3.Error, RuntimeError):
             pass  # closing, or the bot went meanwhile
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until every queued webhook was delivered (or failed); False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._pending == 0, timeout)
-
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the workers: queued webhooks are dropped, open ones cut off."""
-        with self._cond:
-            self.closed = True
-            self._queue.clear()
-            connections = list(self._open.values())
-            self._cond.notify_all()
-        for connection in connections:
-            sock = getattr(connection, "sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(timeout)
 
 
 # ---------------------------------------------------------------------------
@@ -9819,8 +9857,7 @@ def tell_bot(database, room, bot, kind, public_url) -> None:
     if not receives_http(bot, 0):
         return
     body = php_json(webhook_membership(room, bot, kind))
-    delivery = Delivery(bot["id"], bot["url"], bot["secret"], body, public_url.rstrip("/") + "/")
-    error = post_webhook(delivery, WEBHOOK_TIMEOUT)
+    error = post_signed(webhook_delivery(bot, body, public_url.rstrip("/") + "/"), WEBHOOK_TIMEOUT)
     if error is not None:
         with database.write() as db:
             count_bot_error(db, bot["id"], int(time.time()), error)
