@@ -10253,6 +10253,13 @@ def parse_args(argv):
         help="address of a reverse proxy whose X-Forwarded-For to believe (TALK_TRUSTED_PROXY)",
     )
     serve.add_argument(
+        "--connections-per-address",
+        type=int,
+        default=int(env("TALK_CONNECTIONS_PER_ADDRESS", str(CONNECTIONS_PER_ADDRESS))),
+        help="open connections one client address may hold (TALK_CONNECTIONS_PER_ADDRESS; "
+        f"default {CONNECTIONS_PER_ADDRESS}; a trusted proxy has no limit)",
+    )
+    serve.add_argument(
         "--public-url",
         default=env("TALK_PUBLIC_URL", ""),
         help="this server's URL as bots reach it (X-Nextcloud-Talk-Backend; TALK_PUBLIC_URL)",
@@ -10689,7 +10696,10 @@ def run_serve(args):
     for line in bootstrap_accounts(app.talk.db, args.demo):
         print(line, flush=True)
     try:
-        server = create_server(app, args.host, args.port, args.threads, args.trusted_proxy)
+        server = create_server(
+            app, args.host, args.port, args.threads, args.trusted_proxy,
+            per_address=max(1, args.connections_per_address),
+        )
     except OSError as error:
         die(f"cannot listen on {args.host}:{args.port}: {error}")
     url = f"http://{args.host}:{server.effective_port}"

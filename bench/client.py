@@ -40,13 +40,15 @@ class Http:
         self.headers = auth_headers(user, password)
         self.device = None  # the talk_device cookie: one device, as a phone app
 
-    def raw(self, method, path, params=None, prefix=API) -> tuple[int, bytes]:
-        """Send one request; (status, body bytes). The connection reopens if dropped."""
-        headers = self.headers
+    def raw(self, method, path, params=None, prefix=API, body=None, headers=None):
+        """Send one request (form `params`, or a ready `body` with its `headers`);
+        (status, body bytes). The connection reopens if dropped."""
+        headers = {**self.headers, **(headers or {})}
         if self.device:
             headers = {**headers, "Cookie": f"talk_device={self.device}"}
-        body = None
-        if params is not None:
+        if body is not None:
+            body = body.encode("utf-8")
+        elif params is not None:
             if method == "GET":
                 path = f"{path}?{urlencode(params)}"
             else:
@@ -110,7 +112,8 @@ def throughput(spec) -> dict:
         while True:
             try:
                 status, _ = client.raw(
-                    spec["method"], spec["path"], spec.get("params"), spec.get("prefix", API)
+                    spec["method"], spec["path"], spec.get("params"), spec.get("prefix", API),
+                    spec.get("body"), spec.get("headers"),
                 )
                 answers += 1
             except NETWORK_ERRORS:
@@ -265,7 +268,7 @@ def send_latency(spec) -> dict:
     receivers.wait_for(lambda: all(receivers.started))
     time.sleep(spec["settle"])
     sender = Http(spec["port"], spec["user"], spec["password"], timeout=spec["max_seconds"])
-    latencies, failures = [], 0
+    latencies, failures, statuses = [], 0, {}
     deadline = time.monotonic() + spec["max_seconds"]
     for k in range(spec["sends"]):
         if time.monotonic() >= deadline:
@@ -279,10 +282,12 @@ def send_latency(spec) -> dict:
         latencies.append((time.perf_counter() - began) * 1000)
         if status != 201:
             failures += 1
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
         time.sleep(spec["interval"])
     return {
         "latencies_ms": latencies,
         "failures": failures,
+        "statuses": statuses,
         "receiver_errors": receivers.errors,
         "median_ms": statistics.median(latencies),
         "seconds": spec["max_seconds"] - (deadline - time.monotonic()),

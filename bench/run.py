@@ -15,6 +15,7 @@ run (well under a minute) with fewer repetitions and smaller sizes.
 
 import argparse
 import contextlib
+import hmac
 import http.client
 import json
 import os
@@ -86,6 +87,17 @@ FIGURES = [
         "post_chat_v2",
         "POST /chat with mentions and a reply requests/s, ratio to baseline",
         ">= 0.3",
+    ),
+    # The High-Performance Backend (issue 17): beside POST /chat and GET /room
+    (
+        "hpb_auth",
+        "POST /signaling/backend `auth` (signaling server's hello) requests/s, ratio to baseline",
+        "reported",
+    ),
+    (
+        "hpb_ping",
+        "POST /signaling/backend `ping` (keeps sessions alive) requests/s, ratio to baseline",
+        "reported",
     ),
     (
         "get_room_v4_50",
@@ -255,7 +267,7 @@ class Bench:
         self.logs += 1
         return self.dir / f"{self.logs:02d}-{name}.log"
 
-    def start_talk(self, threads=DEFAULT_THREADS, admin=True) -> Process:
+    def start_talk(self, threads=DEFAULT_THREADS, admin=True, extra=()) -> Process:
         port = free_port()
         # Run as installed: `-m` imports the module through its cached
         # bytecode (pip compiles it at install), not from source every start.
@@ -277,6 +289,10 @@ class Bench:
             "100000000",
             "--signaling-per-minute",
             "100000000",
+            # ...and over a hundred connections from 127.0.0.1.
+            "--connections-per-address",
+            "100000",
+            *extra,
         ]
         env = clean_env(PYTHONPATH=str(self.server.parent))
         env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -365,8 +381,11 @@ class Bench:
 
     # --- Figures ------------------------------------------------------------
 
-    def throughput(self, server: Process, method, path, params=None, user="bench", prefix=None):
-        """Requests/s over the window, server CPU ms per answer, failed answers."""
+    def throughput(
+        self, server: Process, method, path, params=None, user="bench", prefix=None, raw=None
+    ):
+        """Requests/s over the window, server CPU ms per answer, failed answers.
+        `raw`: {"body": text, "headers": {...}} sent as it is instead of `params`."""
         s = self.s
         spec = {
             "mode": "throughput",
@@ -376,6 +395,7 @@ class Bench:
             "params": params,
             "user": user,
             **({"prefix": prefix} if prefix else {}),
+            **(raw or {}),
             "password": PASSWORD,
             "connections": s.connections,
             "duration": s.load_seconds,
@@ -512,6 +532,7 @@ def phase(name, errors, rows, *keys):
         print(f"bench: {name} phase took {time.monotonic() - began:.1f} s", file=sys.stderr)
 
 
+V3_PREFIX = "/ocs/v2.php/apps/spreed/api/v3"
 V4_PREFIX = "/ocs/v2.php/apps/spreed/api/v4"
 
 
@@ -568,6 +589,81 @@ def unread_list(bench: Bench, s: Settings, talk, base, rows: dict, load: str):
         + (f", {failed} failed answers" if failed else ""),
         "ok": ratio >= 0.5,
     }
+
+
+HPB_SECRET = "bench-signaling-secret"
+HPB_SESSIONS = 10  # sessions one backend ping names (one room's callers)
+
+
+def signed_backend_request(message: dict) -> dict:
+    """A backend request as the signaling server signs it (random + body)."""
+    body = json.dumps(message)
+    random = "r" * 64
+    checksum = hmac.new(HPB_SECRET.encode(), (random + body).encode(), "sha256").hexdigest()
+    return {
+        "body": body,
+        "headers": {
+            "Content-Type": "application/json",
+            "Spreed-Signaling-Random": random,
+            "Spreed-Signaling-Checksum": checksum,
+        },
+    }
+
+
+def hpb_backend(bench: Bench, s: Settings, rows: dict, token: str):
+    """The signaling server's `auth` (a hello with a user's ticket) and `ping`
+    (every ~10 s per room) against the baseline, on a server configured for a
+    signaling server (one that nobody listens on: the notifications of the
+    set-up joins are dropped after their tries)."""
+    talk = bench.start_talk(
+        extra=["--signaling-server", f"http://127.0.0.1:{free_port()}",
+               "--signaling-secret", HPB_SECRET]
+    )
+    base = bench.start_baseline()
+    talk.wait_ready()
+    base.wait_ready()
+    user = Http(talk.port, "bench", PASSWORD)
+    ticket = user.ocs("GET", "/signaling/settings", prefix=V3_PREFIX)["ticket"]
+    user.close()
+    sessions = []
+    for _ in range(HPB_SESSIONS):  # a new connection is a new device, so a session of its own
+        device = Http(talk.port, "bench", PASSWORD)
+        joined = device.ocs("POST", f"/room/{token}/participants/active", prefix=V4_PREFIX)
+        sessions.append(joined["sessionId"])
+        device.close()
+    requests = {
+        "hpb_auth": {"type": "auth", "auth": {"version": "1.0",
+                                               "params": {"userid": "bench", "ticket": ticket}}},
+        "hpb_ping": {"type": "ping", "ping": {"roomid": token, "entries": [
+            {"userid": "bench", "sessionid": session} for session in sessions]}},
+    }
+    load = f"{s.client_processes} client processes x {s.connections} keep-alive connections"
+    for key, message in requests.items():
+        raw = signed_backend_request(message)
+        server_rates, base_rates, ratios, failed = [], [], [], 0
+        for _ in range(s.pairs):
+            server_rate, _, server_errors = bench.throughput(
+                talk, "POST", "/signaling/backend", user=None, prefix=V3_PREFIX, raw=raw
+            )
+            base_rate, _, base_errors = bench.throughput(
+                base, "POST", "/signaling/backend", user=None, prefix=V3_PREFIX, raw=raw
+            )
+            failed += server_errors + base_errors
+            server_rates.append(server_rate)
+            base_rates.append(base_rate)
+            ratios.append(server_rate / base_rate)
+        ratio = statistics.median(ratios)
+        rows[key] = {
+            "conditions": f"{load}, {s.load_seconds:g} s x {s.pairs} pairs, 64 threads, "
+            + ("a user's ticket" if key == "hpb_auth"
+               else f"{HPB_SESSIONS} sessions, durability full"),
+            "measured": f"{ratio:.2f} ({statistics.median(server_rates):.0f} vs "
+            f"{statistics.median(base_rates):.0f} req/s)"
+            + (f", {failed} failed answers" if failed else ""),
+            "ok": None,
+        }
+    bench.stop(base)
+    bench.stop(talk)
 
 
 def phases(bench: Bench, s: Settings, rows: dict, errors: list):
@@ -684,7 +780,7 @@ def phases(bench: Bench, s: Settings, rows: dict, errors: list):
             f"receivers in 10 rooms, {sent} sends into those rooms in {result['seconds']:.0f} s",
             "measured": f"p99 {p99:.1f} ms (median {result['median_ms']:.1f} ms, "
             f"max {max(result['latencies_ms']):.0f} ms)"
-            + (f", {result['failures']} failed" if result["failures"] else ""),
+            + (f", {result['failures']} failed {result['statuses']}" if result["failures"] else ""),
             "ok": p99 <= 50,
         }
         bench.stop(talk)
@@ -797,7 +893,11 @@ def phases(bench: Bench, s: Settings, rows: dict, errors: list):
         }
         bench.stop(talk)
 
-    # Phase 4: cold starts on the existing database (no admin bootstrap hashing).
+    # Phase 4: the requests a High-Performance Backend's signaling server makes (issue 17).
+    with phase("hpb backend", errors, rows, "hpb_auth", "hpb_ping"):
+        hpb_backend(bench, s, rows, bench_rooms[0])
+
+    # Phase 5: cold starts on the existing database (no admin bootstrap hashing).
     with phase("start", errors, rows, "start"):
         times = []
         for _ in range(s.starts):

@@ -33,11 +33,11 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # a bound for a loaded machine, not a timing check
     )
     assert result.returncode == 0, result.stdout + result.stderr
     figures = bench_figures()
-    assert len(figures) == 15
+    assert len(figures) == 17
     for figure in figures:
         assert figure in result.stdout
         assert figure in markdown.read_text()

@@ -668,3 +668,12 @@ def test_built_wheel_serves_from_elsewhere(tmp_path, servers):
     code, out, err, _ = server.stop()
     assert code == 0, err
     assert len(start_lines(out)) == 1
+
+
+def test_connections_per_address_comes_from_the_flag_or_the_environment(monkeypatch):
+    monkeypatch.delenv("TALK_CONNECTIONS_PER_ADDRESS", raising=False)
+    assert talk_server.parse_args(["serve"]).connections_per_address == 32
+    assert talk_server.parse_args(
+        ["serve", "--connections-per-address", "200"]).connections_per_address == 200
+    monkeypatch.setenv("TALK_CONNECTIONS_PER_ADDRESS", "90")
+    assert talk_server.parse_args(["serve"]).connections_per_address == 90
