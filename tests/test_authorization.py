@@ -15,6 +15,7 @@ envelope, and that a refused call (and any read) changed nothing at all.
 """
 
 import hashlib
+import json
 
 import pytest
 from conftest import API, CLOUD, PASSWORD
@@ -108,9 +109,9 @@ TABLE = [
     ("POST", API, "/chat/{A}", {"message": "Hello"}, created(MEMBERS_OR_JOINED)),
     # Signaling (SPEC 7)
     ("GET", API, "/signaling/settings", None, ANYONE),
-    ("POST", API, "/signaling", {"messages": "[]"}, ANY_SESSION),
+    ("POST", API, "/signaling", {"messages": lambda w: probe_message(w, None)}, ANY_SESSION),
     ("GET", API, "/signaling", None, ANY_SESSION),
-    ("POST", API, "/signaling/{A}", {"messages": "[]"}, JOINED),
+    ("POST", API, "/signaling/{A}", {"messages": lambda w: probe_message(w, "{A}")}, JOINED),
     ("GET", API, "/signaling/{A}", None, JOINED),
     # Capabilities and provisioning (SPEC 8, 9)
     ("GET", CLOUD, "/capabilities", None, ANYONE),
@@ -287,6 +288,8 @@ def snapshot(app):
 
 
 def fill(value, w):
+    if callable(value):  # needs the caller (w["actor"]): a signaling message
+        return value(w)
     return (
         value.format(A=w["A"], B=w["B"], guest_session=w["guest_session"])
         if isinstance(value, str)
@@ -372,6 +375,42 @@ def touched(w, actor):
     return seen == w["clock"]()
 
 
+def sender_session(w, actor, token):
+    """The session a signaling send of `actor` speaks for: its session in the
+    token's room, or (no token) its most recently active one; "0" if none."""
+    if token is not None:
+        row = actor_row(w, actor, token)
+        return row["session_id"] if row is not None else "0"
+    client = w["clients"][actor]
+    user_id, guest_id = USER_OF.get(actor), None
+    if user_id is None:
+        cookie = client.test.cookies.get(talk_server.GUEST_COOKIE)
+        guest_id = cookie and hashlib.sha256(cookie.encode()).hexdigest()
+    with w["app"].talk.db.read() as db:
+        row = talk_server.latest_session_of(db, user_id, guest_id)
+    return row["session_id"] if row else "0"
+
+
+PROBE = "authorization-probe"
+
+
+def probe_message(w, token):
+    """One offer from the caller's session to itself: a success must queue it."""
+    me = sender_session(w, w["actor"], token)
+    fn = json.dumps({"to": me, "type": "offer", "payload": PROBE})
+    return json.dumps([{"ev": "message", "sessionId": me, "fn": fn}])
+
+
+def relayed_to_self(w, actor, token):
+    """The probe message sits in the caller's own queue (and the send refreshed lastPing)."""
+    me = sender_session(w, actor, token)
+    with w["app"].talk.db.read() as db:
+        rows = db.execute(
+            "SELECT data FROM signaling WHERE recipient = ? AND sender = ?", (me, me)
+        ).fetchall()
+    return touched(w, actor) and any(json.loads(row[0])["payload"] == PROBE for row in rows)
+
+
 def check_in_call(w, actor, in_call):
     row = actor_row(w, actor)
     return row is None or bool(row["in_call"]) is in_call
@@ -399,9 +438,9 @@ EFFECTS = {
     ("DELETE", "/room/{A}/moderators"): lambda w, a: type_of(w, "henry") == 3,
     ("POST", "/call/{A}"): lambda w, a: check_in_call(w, a, True) and touched(w, a),
     ("POST", "/call/{A}/ping"): touched,
-    ("POST", "/signaling"): touched,
+    ("POST", "/signaling"): lambda w, a: relayed_to_self(w, a, None),
     ("GET", "/signaling"): touched,
-    ("POST", "/signaling/{A}"): touched,
+    ("POST", "/signaling/{A}"): lambda w, a: relayed_to_self(w, a, "{A}"),
     ("GET", "/signaling/{A}"): touched,
     ("DELETE", "/call/{A}"): lambda w, a: check_in_call(w, a, False),
     ("POST", "/chat/{A}"): lambda w, a: w["response"].data["message"] == "Hello",
@@ -430,6 +469,7 @@ def test_the_table_covers_every_route():
 @pytest.mark.parametrize("method, prefix, path, params, actor, expected", list(cells()))
 def test_who_may_call_what(world, method, prefix, path, params, actor, expected):
     app, client = world["app"], world["clients"][actor]
+    world["actor"] = actor
     url = fill(path, world)
     params = {key: fill(value, world) for key, value in (params or {}).items()}
     # The clock moves (within the 30 s active window), so a refresh of lastPing
@@ -481,6 +521,7 @@ def test_401_is_http_401_with_statuscode_997_on_v1_and_v2(world, version, actor)
         client.test.extra_environ = {"REMOTE_ADDR": f"10.0.{n}.1"}
         world["app"].talk.throttle = talk_server.Throttle()
         prefix = prefix.replace("/ocs/v2.php", f"/ocs/{version}.php")
+        world["actor"] = actor
         params = {key: fill(value, world) for key, value in (params or {}).items()}
         response = client.request(method, fill(path, world), params, status=401, prefix=prefix)
         meta = response.json["ocs"]["meta"]

@@ -482,6 +482,63 @@ def test_a_waiting_receive_runs_no_sql_until_woken(app, background, make_client,
     assert poll.result() == [sent]
 
 
+@pytest.mark.parametrize("form", ["2018", "lookIntoFuture"])
+def test_a_waiting_receive_runs_no_sql_while_its_clock_runs(
+    app, background, make_client, alice, form
+):
+    """SPEC 6: a receive waits on the Condition, not in a database poll loop.
+
+    Without real time: the notifier's clock is the test's, and the waits
+    check it every millisecond. The clock runs through 50 of the 60 seconds,
+    one second a step, and after each step the test lets the receive's
+    thread read the clock three times (so a loop that wakes every second has
+    woken and looked again): the thread runs no SQL statement at all, then
+    the send answers it."""
+    token = group_room(alice)
+    last = alice.get(
+        f"/chat/{token}", {"lookIntoFuture": 0, "timeout": 0}, status=None
+    )
+    notifier = app.talk.notifier
+    notifier.time_scale = 1.0  # today's form reads real time: 60 s is out of reach
+    notifier.slice_seconds = 0.001
+    now = [0.0]
+    reads = {}
+
+    def monotonic():
+        thread = threading.current_thread()
+        reads[thread] = reads.get(thread, 0) + 1
+        return now[0]
+
+    notifier.monotonic = monotonic
+    receiver = make_client("alice")
+    receiver.get("/room")  # credentials checked and cached before the poll
+    if form == "2018":
+        poll = background(lambda: receive(receiver, token, timeout=60))
+    else:
+        known = int(last.headers["X-Chat-Last-Given"])
+        poll = background(
+            lambda: receiver.get(
+                f"/chat/{token}",
+                {"lookIntoFuture": 1, "timeout": 60, "lastKnownMessageId": known},
+                status=200,
+            ).data
+        )
+    waiting(notifier)
+    statements = []
+    app.talk.db.on_sql = lambda sql: statements.append((threading.current_thread(), sql))
+    try:
+        for second in range(1, 51):
+            now[0] = float(second)
+            seen = reads.get(poll.thread, 0)
+            wait_until(lambda: reads.get(poll.thread, 0) >= seen + 3, what="the clock read")
+            assert [sql for thread, sql in statements if thread is poll.thread] == [], second
+    finally:
+        app.talk.db.on_sql = None
+    assert poll.thread.is_alive() and notifier.waiting == 1
+    sent = send(make_client("alice"), token, "wake up")
+    assert [m["message"] for m in poll.result()] == [sent["message"]]
+
+
 # The tests of waiting receives freeze the notifier's clock (`frozen`): a
 # receive then answers only when woken, so its answer proves the wake-up, and
 # each waits until the receive waits (`waiting`) before it acts.

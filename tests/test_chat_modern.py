@@ -156,6 +156,24 @@ def test_timed_out_future_poll_is_304(alice):
     assert response.body == b""
 
 
+def test_future_poll_waits_the_default_30_seconds_and_at_most_60(app, alice):
+    """SPEC 11: today's receive waits 30 s without a timeout, and never more
+    than 60. The notifier's wait is replaced by one that records the seconds
+    asked for and times out at once. The receive measures its deadline on
+    real time scaled by time_scale: at 10**6 a second of real time is a
+    microsecond of the wait, so the seconds asked are the timeout itself."""
+    token = team(alice)
+    last = send(alice, token, "hi", referenceId="x")
+    asked = []
+    app.talk.notifier.time_scale = 10**6
+    app.talk.notifier.wait = lambda waiter, seconds, cancelled=None: asked.append(seconds)
+    plain = {"lookIntoFuture": 1, "lastKnownMessageId": last["id"]}
+    checked(alice.get(f"/chat/{token}", plain, status=None), 304)
+    for timeout in (600, 61, 60, 59):
+        future(alice, token, last["id"], timeout=timeout, status=304)
+    assert asked == pytest.approx([30, 60, 60, 60, 59], abs=0.001)
+
+
 def test_common_read_answers_200_when_it_changed(alice, bob):
     token = team(alice, "bob")
     last = send(alice, token, "hi", referenceId="x")

@@ -600,7 +600,7 @@ def test_sigterm_answers_waiting_polls_and_exits_cleanly(tmp_path):
 
         def poll(name, client, path, params):
             status, document, _ = client.call("GET", path, params, timeout=70)
-            results[name] = (status, document["ocs"]["data"], time.monotonic())
+            results[name] = (status, document["ocs"]["data"])
 
         threads = [
             Worker(
@@ -616,24 +616,22 @@ def test_sigterm_answers_waiting_polls_and_exits_cleanly(tmp_path):
             thread.start()
         time.sleep(1.0)  # both polls are waiting now
         assert results == {}
-        signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
+        # No elapsed-time bound: the chat poll asked for 60 s and the
+        # signaling poll waits 30 s, so answers within join_all's 10 s came
+        # from the shutdown, not from the polls' own timeouts.
         join_all(threads, timeout=10)
         code = server.process.wait(5)
-        exited = time.monotonic()
     finally:
         server.stop()
         for thread in threads:
             thread.join(10)
 
     assert code == 0, Path(tmp_path / "server.log").read_text()
-    assert exited - signalled < 5
-    status, data, answered = results["chat"]
+    status, data = results["chat"]
     assert (status, data) == (200, [])
-    assert answered - signalled < 2
-    status, data, answered = results["signaling"]
+    status, data = results["signaling"]
     assert status == 200 and data[-1]["type"] == "usersInRoom"
-    assert answered - signalled < 2
 
     server = Server(db, tmp_path / "server.log")
     try:

@@ -617,10 +617,25 @@ def test_rename_trimmed_to_200_characters_is_200(alice, group_room):
     assert room_of(alice, group_room)["name"] == "z" * 200
 
 
-def test_rename_one_to_one_room_is_405(alice, bob):
+def every_row(app):
+    """Every row of every table: a refused request must change none."""
+    with app.talk.db.read() as db:
+        tables = [row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {
+            table: sorted((tuple(row) for row in db.execute(f"SELECT * FROM {table}")), key=repr)
+            for table in tables
+        }
+
+
+def test_rename_one_to_one_room_is_405(app, alice, bob):
+    """Refused, and nothing written: the answer shows a one-to-one room under
+    its partner's name whatever is stored, so the test reads the database."""
     token = create(alice, 1, invite="bob")
+    before = every_row(app)
     rename(alice, token, "Ours", status=405)
     rename(bob, token, "Ours", status=405)
+    assert every_row(app) == before
     assert room_of(alice, token)["name"] == "bob"
 
 
