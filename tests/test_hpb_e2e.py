@@ -58,7 +58,7 @@ SIGNALING = os.environ.get("TALK_HPB_SIGNALING") or str(
     CACHE / "root" / "usr" / "bin" / "nextcloud-spreed-signaling-server"
 )
 JANUS = shutil.which("janus") or "/usr/bin/janus"
-SETTLE_MS = 60_000  # the longest wait for one step of the call (bounded, by events)
+SETTLE_MS = 60_000  # the longest wait for one step of the call (polled every 250 ms)
 
 
 def missing_daemons():
@@ -366,7 +366,7 @@ async () => {
     });
     out.push({
       role, session, ice: pc.iceConnectionState, framesDecoded, framesSent, remote,
-      janus: Boolean(pc.remoteDescription && /^s=VideoRoom /m.test(pc.remoteDescription.sdp)),
+      janus: Boolean(pc.remoteDescription && /^a=msid-semantic: ?WMS janus/m.test(pc.remoteDescription.sdp)),
     });
   }
   const open = window.__allConnections.filter((pc) => pc.connectionState !== 'closed').length;
@@ -394,8 +394,20 @@ async (count) => {
 """
 
 
-def wait_until(person, script, arg=None):
-    person.page.wait_for_function(script, arg=arg, polling=250, timeout=SETTLE_MS)
+def wait_until(person, script, arg=None, daemons=()):
+    """Ask the page `script` (which may be async) until it holds, at most SETTLE_MS
+    (in steps of 250 ms); else fail with what the page and the daemons saw."""
+    for _ in range(SETTLE_MS // 250):
+        if person.page.evaluate(script, arg):
+            return
+        person.page.wait_for_timeout(250)
+    logs = "\n".join(f"--- {d.name}:\n{d.output()}" for d in daemons)
+    state = person.page.evaluate(CALL_STATE)
+    raise AssertionError(
+        f"{script} never held for {person.user_id}: {state}\nconsole:\n"
+        + "\n".join(person.console[-40:])
+        + f"\n{logs}"
+    )
 
 
 def test_three_party_call_goes_through_janus(browser, hpb):
@@ -404,6 +416,11 @@ def test_three_party_call_goes_through_janus(browser, hpb):
         for user_id in USERS:
             person = Person(browser, hpb["url"])
             person.context.add_init_script(COUNT_CONNECTIONS)
+            person.user_id = user_id
+            person.console = []
+            person.page.on(
+                "console", lambda m, log=person.console: log.append(f"{m.type}: {m.text}")
+            )
             people.append(person)
             person.sign_in(user_id, USERS[user_id])
         alice, bob, carol = people
@@ -417,6 +434,7 @@ def test_three_party_call_goes_through_janus(browser, hpb):
             wait_until(
                 person,
                 "() => window.talkDebug.signalingMode === 'external' && Boolean(window.talkDebug.signalingSession)",
+                daemons=hpb["logs"],
             )
 
         for person in people:
@@ -424,7 +442,7 @@ def test_three_party_call_goes_through_janus(browser, hpb):
             person.by("call-join").click()
             expect(person.page.locator("[data-testid=video-tile][data-local=true]")).to_be_visible()
         for person in people:
-            wait_until(person, CALL_UP, 2)
+            wait_until(person, CALL_UP, 2, hpb["logs"])
         # Janus holds three published streams, one per camera.
         assert signaling_stats(hpb["signaling_port"])["mcu"]["publishers"] == 3
 
@@ -453,9 +471,9 @@ def test_three_party_call_goes_through_janus(browser, hpb):
 
         # Alice hangs up: her connections close, the others drop her stream only.
         alice.by("call-hangup").click()
-        wait_until(alice, "() => window.talkDebug.connections().length === 0")
+        wait_until(alice, "() => window.talkDebug.connections().length === 0", daemons=hpb["logs"])
         for person in (bob, carol):
-            wait_until(person, CALL_UP, 1)
+            wait_until(person, CALL_UP, 1, hpb["logs"])
         assert alice.page.evaluate(CALL_STATE)["open"] == 0
         for person in people:
             person.assert_clean()
