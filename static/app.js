@@ -848,6 +848,7 @@
       this.lastRecovery = 0;
       this.timers = [];
       this.hands = new Map(); // session id -> raised?
+      this.settings = null; // signaling settings v3, as the room opened
       this.hpb = null; // the signaling server's connection (external signaling), or null
     }
 
