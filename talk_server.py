@@ -164,6 +164,7 @@ WEBHOOK_TIMEOUT = 5  # seconds a bot has to answer; no retry (as Talk)
 WEBHOOK_QUEUE_MAX = 64  # deliveries waiting; more are dropped and counted as errors
 WEBHOOK_WORKERS = 2  # threads delivering, started with the first webhook
 WEBHOOK_BATCH = 100  # new messages one look hands to the bots
+RETRY_DELAY = 0.5  # seconds before an outbox tries a failed delivery again (then twice that)
 MENTIONS_LIMIT_DEFAULT = 20
 POLL_PUBLIC, POLL_HIDDEN = 0, 1
 POLL_OPEN, POLL_CLOSED = 0, 1
@@ -181,6 +182,17 @@ DEFAULT_STUN = "stun.nextcloud.com:443"
 # TURN credentials open a relay: hours, not the 24 hours of SPEC 7, and only
 # for users and joined guests.
 TURN_CREDENTIAL_SECONDS = 4 * 3600
+# The High-Performance Backend (nextcloud-spreed-signaling, docs/standalone-signaling-api-v1.md)
+HPB_RANDOM_MIN = 32  # Spreed-Signaling-Random of its requests
+HPB_RANDOM_LENGTH = 64  # ...and of ours
+HPB_TIMEOUT = 5  # seconds the signaling server has to answer a notification
+HPB_ATTEMPTS = 3  # a notification is tried this often before it is dropped (logged)
+HPB_QUEUE_MAX = 256  # notifications waiting; more are dropped (logged)
+HPB_WORKERS = 2
+HPB_PING_MAX = 1000  # sessions one backend ping may name
+# A hello v1 ticket is good this long after it was issued (spreed's never expire;
+# the apps fetch fresh settings before each call, the web client before each connect).
+SIGNALING_TICKET_SECONDS = 12 * 3600
 
 # Capabilities (SPEC 8, 11): the 2018 names first, then today's, each listed
 # only once its routes work (a listed feature the apps cannot use becomes an
@@ -2749,6 +2761,60 @@ def users_in_room(db, room_id: int, active_since: int) -> list[sqlite3.Row]:
     ).fetchall()
 
 
+# --- The High-Performance Backend ----------------------------------------------
+
+
+def room_user_ids(db, room_id: int) -> list[str]:
+    """Every user of a room (the signaling server's `alluserids`)."""
+    return [
+        row["user_id"]
+        for row in db.execute(
+            """
+            SELECT user_id FROM participants
+             WHERE room_id = :room_id AND user_id IS NOT NULL
+             ORDER BY id
+            """,
+            {"room_id": room_id},
+        )
+    ]
+
+
+def backend_attendees(db, room_id: int) -> list[sqlite3.Row]:
+    """Every attendee of a room, a row per session (session_id '0': none), users first."""
+    return db.execute(
+        """
+        SELECT p.id, p.room_id, p.user_id, p.guest_id, p.participant_type, p.permissions,
+               p.guest_name, coalesce(u.display_name, '') AS display_name,
+               coalesce(s.id, '0') AS session_id, coalesce(s.in_call, 0) AS in_call,
+               coalesce(s.last_ping, 0) AS last_ping
+          FROM participants AS p
+          LEFT JOIN sessions AS s ON s.participant_id = p.id
+          LEFT JOIN users AS u ON u.id = p.user_id
+         WHERE p.room_id = :room_id
+         ORDER BY p.user_id IS NULL, p.id, s.seq
+        """,
+        {"room_id": room_id},
+    ).fetchall()
+
+
+def touch_sessions(db, session_ids: list[str], now: int) -> int:
+    """Refresh many sessions' lastPing (and their participants') at once; how many there were."""
+    ids = json.dumps(session_ids)
+    count = db.execute(
+        "UPDATE sessions SET last_ping = :now WHERE id IN (SELECT value FROM json_each(:ids))",
+        {"ids": ids, "now": now},
+    ).rowcount
+    db.execute(
+        """
+        UPDATE participants SET last_ping = :now
+         WHERE id IN (SELECT participant_id FROM sessions
+                       WHERE id IN (SELECT value FROM json_each(:ids)))
+        """,
+        {"ids": ids, "now": now},
+    )
+    return count
+
+
 # --- Avatars -----------------------------------------------------------------
 
 
@@ -3579,6 +3645,61 @@ def signaling_session_json(room, row, now) -> dict:
     }
 
 
+# --- The High-Performance Backend (lib/Signaling/BackendNotifier.php) --------------
+
+
+def signaling_properties(db, room, user_id="") -> dict:
+    """A room as the signaling server hands it to its clients
+    (Room::getPropertiesForSignaling); a one-to-one room is named after the
+    partner of `user_id`."""
+    name = room["name"]
+    if room["type"] == ROOM_ONE_TO_ONE and user_id:
+        partner = other_user_of(db, room["id"], user_id)
+        name = partner["display_name"] if partner is not None else name
+    return {
+        "name": name,
+        "type": room["type"],
+        "lobby-state": room["lobby_state"],
+        "lobby-timer": room["lobby_timer"],
+        "read-only": room["read_only"],
+        "listable": room["listable"],
+        "active-since": room["call_start_time"] or None,
+        "sip-enabled": 0,
+        "description": room["description"],
+    }
+
+
+def backend_permissions(room, row) -> list[str]:
+    """What the signaling server lets an attendee do: publish what its permission
+    bits allow; moderators also "control" (force-mute)."""
+    permissions = effective_permissions(room, row)
+    names = [name for bit, name in ((PERM_AUDIO, "publish-audio"), (PERM_VIDEO, "publish-video"),
+                                    (PERM_SCREEN, "publish-screen")) if permissions & bit]
+    if row["participant_type"] in MODERATOR_TYPES:
+        names.append("control")
+    return names
+
+
+def backend_session_json(room, row, now) -> dict:
+    """An attendee's session as the signaling server's participant lists carry it
+    (sessionId "0", no flags and the custom bit only, for one without a session)."""
+    actor_type, actor_id = attendee_actor(row)
+    has_session = row["session_id"] != "0"
+    entry = {
+        "inCall": call_flags_now(row, now) if has_session else 0,
+        "lastPing": row["last_ping"],
+        "sessionId": row["session_id"],
+        "participantType": row["participant_type"],
+        "participantPermissions": effective_permissions(room, row) if has_session else PERM_CUSTOM,
+        "displayName": row["display_name"] if row["user_id"] is not None else row["guest_name"],
+        "actorType": actor_type,
+        "actorId": actor_id,
+    }
+    if row["user_id"] is not None:
+        entry["userId"] = row["user_id"]
+    return entry
+
+
 # --- Bots and their webhooks (docs/bots.md, lib/Service/ActivityPubHelper.php) --
 
 
@@ -3964,15 +4085,20 @@ def query_params(query) -> dict:
     return params
 
 
-def read_body(environ, max_body):
-    """The request body as a dict of parameters (form, multipart or JSON), or raise 400/413."""
+def read_raw_body(environ, max_body) -> bytes:
+    """The request body's bytes, or raise 400/413."""
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         fail(400, "Invalid Content-Length")
     if length > max_body:
         fail(413, f"Request body over {max_body} bytes")
-    raw = environ["wsgi.input"].read(length) if length > 0 else b""
+    return environ["wsgi.input"].read(length) if length > 0 else b""
+
+
+def read_body(environ, max_body):
+    """The request body as a dict of parameters (form, multipart or JSON), or raise 400/413."""
+    raw = read_raw_body(environ, max_body)
     if not raw:
         return {}
     ctype = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
@@ -4333,14 +4459,74 @@ def keyed_hash(key: bytes, purpose: str, text: str) -> str:
     return hmac.new(key, f"{purpose}\0{text}".encode(), "sha256").hexdigest()
 
 
-def load_signin_key(database) -> bytes:
-    """The key of the sign-in hashes, made once per database."""
+def load_server_key(database, name="signin") -> bytes:
+    """A key of this server (the sign-in hashes, the signaling tickets), made once per database."""
     with database.read() as db:
-        key = server_secret(db, "signin")
+        key = server_secret(db, name)
     if key is None:
         with database.write() as db:
-            key = create_server_secret(db, "signin", secrets.token_bytes(32))
+            key = create_server_secret(db, name, secrets.token_bytes(32))
     return key
+
+
+def signaling_checksum(secret: str, random: str, body) -> str:
+    """Spreed-Signaling-Checksum: hex HMAC-SHA256 over random + body (bytes or
+    text), with the secret shared with the signaling server (both directions)."""
+    raw = body if isinstance(body, bytes) else body.encode("utf-8")
+    return hmac.new(secret.encode("utf-8"), random.encode("utf-8") + raw, "sha256").hexdigest()
+
+
+def signaling_ticket(talk, user_id, now: int) -> str:
+    """A hello v1 ticket (Config::getSignalingTicket): random:issued:userid:mac,
+    the user id empty for guests; the MAC is under this server's own key, so
+    not even the signaling server, which knows the shared secret, can forge one."""
+    data = f"{new_secret(16)}:{now}:{user_id or ''}"
+    return f"{data}:{keyed_hash(talk.ticket_key, 'signaling-ticket', data)}"
+
+
+def ticket_valid(talk, user_id, ticket, now: int) -> bool:
+    """Whether `ticket` is one of ours, issued to `user_id` ("" for guests) within
+    SIGNALING_TICKET_SECONDS."""
+    data, _, mac = ticket.rpartition(":")
+    parts = data.split(":", 2)
+    if len(parts) != 3 or not hmac.compare_digest(
+        keyed_hash(talk.ticket_key, "signaling-ticket", data), mac
+    ):
+        return False
+    _, issued, holder = parts
+    if holder != (user_id or "") or not issued.isdigit():
+        return False
+    return now - SIGNALING_TICKET_SECONDS <= int(issued) <= now + 60  # a minute of clock skew
+
+
+def checked_signaling_servers(servers, secret) -> list[str]:
+    """The signaling servers' URLs, without a trailing slash; ValueError for one
+    that is no http(s):// or ws(s):// URL, or for servers without a shared secret."""
+    urls = []
+    for server in servers:
+        url = str(server).strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+            raise ValueError(f"signaling server {server!r} is not an http(s):// or ws(s):// URL")
+        urls.append(url)
+    if urls and not secret:
+        raise ValueError("a signaling server needs the secret shared with it (--signaling-secret)")
+    return urls
+
+
+def signaling_server_for(talk, room_id=None) -> str:
+    """The signaling server of a conversation (always the same one: notifications
+    and settings agree), the first without one; "" when signaling is internal."""
+    servers = talk.signaling_servers
+    if not servers:
+        return ""
+    return servers[room_id % len(servers)] if room_id is not None else servers[0]
+
+
+def refuse_internal_signaling(talk) -> None:
+    """With a signaling server, the internal signaling routes answer as Talk's do."""
+    if talk.signaling_servers:
+        fail(400, "Internal signaling disabled.", "Internal signaling disabled.")
 
 
 class LoginGuard:
@@ -4710,35 +4896,31 @@ def session_key(session_id):
 
 @dataclass
 class Delivery:
-    """One signed POST to one bot, waiting in the queue."""
+    """One signed POST waiting in an Outbox: to `url`, with `headers` (the
+    signature among them) and the JSON text `body`. `failed(error)` is told
+    when every attempt failed (or the queue was full)."""
 
-    bot_id: int
     url: str
-    secret: str
     body: str
-    backend: str
+    headers: dict
+    failed: object = None
+    attempts: int = 1
 
 
-def post_webhook(delivery: Delivery, timeout: float, track=None) -> str | None:
-    """POST a webhook as BotService::sendAsyncRequest does; the error (counted
-    by the caller) or None when the bot answered 200 or 202.
+def post_signed(delivery: Delivery, timeout: float, track=None) -> str | None:
+    """POST a delivery once; the error, or None when the receiver answered 200 or 202.
 
     `track(connection)` is told of the connection while it is open (and
-    `track(None)` after), so that closing the app can cut a hanging bot off.
+    `track(None)` after), so that closing the app can cut a hanging receiver off.
     """
     import http.client  # here: it imports the email package, which a server without bots never needs
 
     parts = urlsplit(delivery.url)
     connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    random = new_secret(WEBHOOK_RANDOM_LENGTH)
-    body = delivery.body.encode("utf-8")
     headers = {
         "Content-Type": "application/json",
-        "X-Nextcloud-Talk-Random": random,
-        "X-Nextcloud-Talk-Signature": bot_signature(delivery.secret, random, delivery.body),
-        "X-Nextcloud-Talk-Backend": delivery.backend,
-        "OCS-APIRequest": "true",
         "User-Agent": f"talk-server/{__version__}",
+        **delivery.headers,
     }
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
@@ -4748,7 +4930,7 @@ def post_webhook(delivery: Delivery, timeout: float, track=None) -> str | None:
     try:
         if track is not None:
             track(connection)
-        connection.request("POST", path, body, headers)
+        connection.request("POST", path, delivery.body.encode("utf-8"), headers)
         status = connection.getresponse().status
     except (OSError, http.client.HTTPException) as error:
         return f"{type(error).__name__}: {error}"
@@ -4759,6 +4941,18 @@ def post_webhook(delivery: Delivery, timeout: float, track=None) -> str | None:
     if status not in (200, 202):
         return f"UnexpectedStatusCode: {status}"
     return None
+
+
+def webhook_delivery(bot, body: str, backend: str, failed=None) -> Delivery:
+    """A webhook as BotService::sendAsyncRequest signs it: random + raw body."""
+    random = new_secret(WEBHOOK_RANDOM_LENGTH)
+    headers = {
+        "X-Nextcloud-Talk-Random": random,
+        "X-Nextcloud-Talk-Signature": bot_signature(bot["secret"], random, body),
+        "X-Nextcloud-Talk-Backend": backend,
+        "OCS-APIRequest": "true",
+    }
+    return Delivery(bot["url"], body, headers, failed)
 
 
 def backend_url(talk) -> str:
@@ -4778,23 +4972,18 @@ def receives_http(bot, feature: int) -> bool:
     return not bot["features"] & BOT_EVENT and (feature == 0 or bool(bot["features"] & feature))
 
 
-class Webhooks:
-    """Tells the bots of a conversation what happens in it.
+class Outbox:
+    """A small bounded queue of signed POSTs, delivered off the request thread.
 
-    The request thread that changed something builds the webhooks and queues
-    them; WEBHOOK_WORKERS threads, started with the first, POST them with a
-    timeout. A slow or dead bot holds one worker, never a request; when the
-    queue is full, the webhook is dropped and counted as the bot's error.
-
-    Which messages a bot has not seen yet: for each conversation with bots,
-    the seq of the last message looked at. Whatever wrote a message (a send,
-    a system message of any room operation), the next chat_posted or
-    room_changed hands everything after that seq to the bots, once.
+    The request thread that changed something queues deliveries; `workers`
+    threads, started with the first, POST them with a timeout, trying each
+    up to its `attempts` times (RETRY_DELAY seconds apart, growing). A slow
+    or dead receiver holds one worker, never a request; when the queue is
+    full, the delivery is dropped and its `failed` is told.
     """
 
-    def __init__(self, talk, timeout=WEBHOOK_TIMEOUT, queue_max=WEBHOOK_QUEUE_MAX,
-                 workers=WEBHOOK_WORKERS):
-        self.talk = talk
+    def __init__(self, name, timeout, queue_max, workers):
+        self.name = name
         self.timeout = timeout
         self.queue_max = queue_max
         self.workers = workers
@@ -4804,6 +4993,93 @@ class Webhooks:
         self._open: dict[int, object] = {}  # worker thread id -> its open connection
         self._pending = 0  # queued or being delivered
         self.closed = False
+
+    def put(self, delivery: Delivery) -> None:
+        """Queue a delivery; a full queue drops it (its `failed` is told)."""
+        with self._cond:
+            if self.closed:
+                return
+            full = len(self._queue) >= self.queue_max
+            if not full:
+                self._queue.append(delivery)
+                self._pending += 1
+                while len(self._threads) < self.workers:
+                    thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+                    self._threads.append(thread)
+                    thread.start()
+                self._cond.notify()
+        if full and delivery.failed is not None:
+            delivery.failed("Queue full: the request was dropped")
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self.closed:
+                    self._cond.wait()
+                if self.closed:
+                    return
+                delivery = self._queue.popleft()
+            try:
+                self._deliver(delivery)
+            finally:
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
+
+    def _deliver(self, delivery: Delivery) -> None:
+        for attempt in range(1, delivery.attempts + 1):
+            error = post_signed(delivery, self.timeout, self._track)
+            if error is None or self.closed:
+                return
+            if attempt < delivery.attempts:
+                with self._cond:  # a pause that closing cuts short
+                    self._cond.wait_for(lambda: self.closed, RETRY_DELAY * attempt)
+        if delivery.failed is not None:
+            delivery.failed(error)
+
+    def _track(self, connection) -> None:
+        with self._cond:
+            if connection is None:
+                self._open.pop(threading.get_ident(), None)
+            else:
+                self._open[threading.get_ident()] = connection
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued delivery was made (or failed); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the workers: queued deliveries are dropped, open ones cut off."""
+        with self._cond:
+            self.closed = True
+            self._queue.clear()
+            connections = list(self._open.values())
+            self._cond.notify_all()
+        for connection in connections:
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout)
+
+
+class Webhooks(Outbox):
+    """Tells the bots of a conversation what happens in it, one webhook each,
+    through the outbox (no retry, as Talk); a failure or a full queue counts
+    as the bot's error.
+
+    Which messages a bot has not seen yet: for each conversation with bots,
+    the seq of the last message looked at. Whatever wrote a message (a send,
+    a system message of any room operation), the next chat_posted or
+    room_changed hands everything after that seq to the bots, once.
+    """
+
+    def __init__(self, talk, timeout=WEBHOOK_TIMEOUT, queue_max=WEBHOOK_QUEUE_MAX,
+                 workers=WEBHOOK_WORKERS):
+        super().__init__("talk-webhooks", timeout, queue_max, workers)
+        self.talk = talk
         self._look = threading.Lock()
         with talk.db.read() as db:
             self._seen = {row["id"]: row["last_seq"] for row in rooms_with_bots(db)}
@@ -4874,73 +5150,173 @@ class Webhooks:
     # --- Delivery -----------------------------------------------------------
 
     def send(self, bot, body: dict, backend: str) -> None:
-        """Queue a webhook for a bot; a full queue drops it as the bot's error."""
-        delivery = Delivery(bot["id"], bot["url"], bot["secret"], php_json(body), backend)
-        with self._cond:
-            if self.closed:
-                return
-            full = len(self._queue) >= self.queue_max
-            if not full:
-                self._queue.append(delivery)
-                self._pending += 1
-                while len(self._threads) < self.workers:
-                    thread = threading.Thread(target=self._work, name="talk-webhooks", daemon=True)
-                    self._threads.append(thread)
-                    thread.start()
-                self._cond.notify()
-        if full:
-            self._count_error(delivery.bot_id, "Queue full: the webhook was dropped")
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self.closed:
-                    self._cond.wait()
-                if self.closed:
-                    return
-                delivery = self._queue.popleft()
-            try:
-                error = post_webhook(delivery, self.timeout, self._track)
-                if error is not None and not self.closed:
-                    self._count_error(delivery.bot_id, error)
-            finally:
-                with self._cond:
-                    self._pending -= 1
-                    self._cond.notify_all()
-
-    def _track(self, connection) -> None:
-        with self._cond:
-            if connection is None:
-                self._open.pop(threading.get_ident(), None)
-            else:
-                self._open[threading.get_ident()] = connection
+        """Queue a webhook for a bot; failing, or dropped from a full queue, it
+        counts as the bot's error."""
+        bot_id = bot["id"]
+        self.put(webhook_delivery(bot, php_json(body), backend,
+                                  lambda error: self._count_error(bot_id, error)))
 
     def _count_error(self, bot_id, message) -> None:
+        if self.closed:
+            return
         try:
             with self.talk.db.write() as db:
                 count_bot_error(db, bot_id, int(self.talk.clock()), message[:4000])
         except (sqlite3.Error, RuntimeError):
             pass  # closing, or the bot went meanwhile
 
-    def drain(self, timeout: float) -> bool:
-        """Wait until every queued webhook was delivered (or failed); False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._pending == 0, timeout)
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the workers: queued webhooks are dropped, open ones cut off."""
-        with self._cond:
-            self.closed = True
-            self._queue.clear()
-            connections = list(self._open.values())
-            self._cond.notify_all()
-        for connection in connections:
-            sock = getattr(connection, "sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(timeout)
+# ---------------------------------------------------------------------------
+# The High-Performance Backend: telling the signaling server what changed
+# ---------------------------------------------------------------------------
+
+
+def signaling_api_url(server: str, token: str) -> str:
+    """POST target of a room's notifications on a signaling server (ws URLs as http)."""
+    for ws, http in (("wss://", "https://"), ("ws://", "http://")):
+        if server.startswith(ws):
+            server = http + server[len(ws):]
+    return f"{server}/api/v1/room/{token}"
+
+
+class SignalingNotifier(Outbox):
+    """Tells the signaling server of a room what changed in it, as Talk's
+    BackendNotifier does: `{"type": T, T: {...}}`, signed with the shared
+    secret, from the outbox (HPB_ATTEMPTS tries; a lost one is logged).
+    Nothing at all without a signaling server.
+
+    The room operations call these once they committed; each reads what it
+    sends, so the signaling server always learns the state after the change.
+    """
+
+    def __init__(self, talk, timeout=HPB_TIMEOUT, queue_max=HPB_QUEUE_MAX, workers=HPB_WORKERS):
+        super().__init__("talk-hpb", timeout, queue_max, workers)
+        self.talk = talk
+        self._told = {}  # room id -> the newest message seq the server heard of
+        self._told_lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.talk.signaling_servers)
+
+    def request(self, room, kind: str, body: dict) -> None:
+        """Queue one notification about `room` for its signaling server."""
+        text = php_json({"type": kind, kind: body})
+        random = new_secret(HPB_RANDOM_LENGTH)
+        headers = {
+            "Spreed-Signaling-Random": random,
+            "Spreed-Signaling-Checksum": signaling_checksum(self.talk.signaling_secret, random, text),
+            "Spreed-Signaling-Backend": backend_url(self.talk).rstrip("/"),
+        }
+        url = signaling_api_url(signaling_server_for(self.talk, room["id"]), room["token"])
+        token = room["token"]
+        self.put(Delivery(url, text, headers, lambda error: self._lost(kind, token, error),
+                          HPB_ATTEMPTS))
+
+    def _lost(self, kind, token, error) -> None:
+        if not self.closed:
+            print(f"talk-server: signaling server: {kind} of {token} not delivered: {error}",
+                  file=sys.stderr, flush=True)
+
+    def _room(self, room_id):
+        """The room and every user id in it, read after the change; (None, []) once gone."""
+        with self.talk.db.read() as db:
+            room = room_by_id(db, room_id)
+            if room is None:
+                return None, [], {}
+            return room, room_user_ids(db, room_id), signaling_properties(db, room)
+
+    # --- What happened (triggers as Talk's Signaling\Listener) ----------------
+
+    def invited(self, room_id, user_ids) -> None:
+        """Users were added to a room (or created it): invite."""
+        if not self.enabled or not user_ids:
+            return
+        room, everyone, properties = self._room(room_id)
+        if room is not None:
+            self.request(room, "invite", {"userids": list(user_ids), "alluserids": everyone,
+                                          "properties": properties})
+
+    def disinvited(self, room_id, user_ids=(), session_ids=()) -> None:
+        """Users were removed from a room (userids), or guests' sessions ended for
+        good (sessionids): disinvite."""
+        if not self.enabled or not (user_ids or session_ids):
+            return
+        room, everyone, properties = self._room(room_id)
+        if room is None:
+            return
+        for key, ids in (("userids", user_ids), ("sessionids", session_ids)):
+            if ids:
+                self.request(room, "disinvite", {key: list(ids), "alluserids": everyone,
+                                                 "properties": properties})
+
+    def updated(self, room_id) -> None:
+        """A room's name, password, type, lobby or another setting changed: update."""
+        if not self.enabled:
+            return
+        room, everyone, properties = self._room(room_id)
+        if room is not None:
+            self.request(room, "update", {"userids": everyone, "properties": properties})
+
+    def deleted(self, room, user_ids) -> None:
+        """A room went (`room` and `user_ids` as they were before): delete."""
+        if self.enabled:
+            with self._told_lock:
+                self._told.pop(room["id"], None)
+            self.request(room, "delete", {"userids": list(user_ids)})
+
+    def _sessions(self, room_id):
+        now = int(self.talk.clock())
+        with self.talk.db.read() as db:
+            room = room_by_id(db, room_id)
+            rows = backend_attendees(db, room_id) if room is not None else []
+        return room, [(row, backend_session_json(room, row, now)) for row in rows]
+
+    def in_call_changed(self, room_id, flags, session_ids) -> None:
+        """Sessions joined or left the call, or changed their flags: incall. Without
+        it the signaling server refuses every subscription to a publisher."""
+        if not self.enabled or not session_ids:
+            return
+        room, entries = self._sessions(room_id)
+        if room is None:
+            return
+        wanted = set(session_ids)
+        changed = [entry for _, entry in entries if entry["sessionId"] in wanted]
+        known = {entry["sessionId"] for entry in changed}
+        # A session that ended with its call is no longer there: it is out of the call.
+        changed += [{"inCall": 0, "lastPing": 0, "sessionId": s} for s in session_ids if s not in known]
+        users = [entry for _, entry in entries if entry["inCall"]]
+        self.request(room, "incall", {"incall": flags, "changed": changed, "users": users})
+
+    def participants_changed(self, room_id, participant_ids=None) -> None:
+        """Attendees' type or permissions changed (all of them: None): participants,
+        with the new permissions of each changed session."""
+        if not self.enabled:
+            return
+        room, entries = self._sessions(room_id)
+        if room is None:
+            return
+        changed = []
+        for row, entry in entries:
+            if entry["sessionId"] != "0" and (participant_ids is None or row["id"] in participant_ids):
+                changed.append({**entry, "permissions": backend_permissions(room, row)})
+        users = [entry for _, entry in entries]
+        self.request(room, "participants", {"changed": changed, "users": users})
+
+    def chat_changed(self, room_id, posted=False) -> None:
+        """A message was written (`posted`), or maybe (a room change may have
+        written a system message): message, so the clients fetch the chat."""
+        if not self.enabled:
+            return
+        with self.talk.db.read() as db:
+            room = room_by_id(db, room_id)
+        if room is None:
+            return
+        with self._told_lock:
+            told = self._told.get(room_id)
+            self._told[room_id] = room["last_seq"]
+        if posted or told is None or room["last_seq"] > told:
+            self.request(room, "message", {"data": {"type": "chat", "chat": {"refresh": True}}})
 
 
 # ---------------------------------------------------------------------------
@@ -5424,7 +5800,16 @@ class Rooms:
                 self.say(db, room["id"], speaker(actor, None), "conversation_created")
                 add_participant(db, room["id"], OWNER, 0, user_id=me)
             room = room_by_id(db, room["id"])
+            invited = room_user_ids(db, room["id"])
+        self.talk.hpb.invited(room["id"], invited)
         return room, True
+
+    @staticmethod
+    def drop(db, room) -> list[str]:
+        """Delete a room; the users it had (whom the signaling server tells)."""
+        members = room_user_ids(db, room["id"])
+        delete_room(db, room["id"])
+        return members
 
     @staticmethod
     def check_group(db, actor, group_id) -> None:
@@ -5453,6 +5838,7 @@ class Rooms:
                 text = f'{{actor}} renamed the conversation from "{room["name"]}" to "{name}"'
                 self.say(db, room["id"], speaker(actor, me), "conversation_renamed", text=text)
         self.talk.chat_posted(room["id"])
+        self.talk.hpb.updated(room["id"])
         return room
 
     def set_password(self, actor, token, password) -> sqlite3.Row:
@@ -5476,6 +5862,7 @@ class Rooms:
                 verb = "password_set" if password_hash else "password_removed"
                 self.say(db, room["id"], speaker(actor, me), verb)
         self.talk.chat_posted(room["id"])
+        self.talk.hpb.updated(room["id"])
         return room
 
     def delete(self, actor, token, one_to_one=True) -> None:
@@ -5485,8 +5872,9 @@ class Rooms:
             room, _ = room_for(db, actor, token, MODERATE)
             if room["type"] == ROOM_ONE_TO_ONE and not one_to_one:
                 raise Refused("one-to-one")
-            delete_room(db, room["id"])
+            members = self.drop(db, room)
         self.talk.room_changed(room["id"], chat=True)
+        self.talk.hpb.deleted(room, members)
 
     def make_public(self, actor, token, types=ROOM_TYPES) -> None:
         """Let guests in (moderators): the room becomes public. Today's routes
@@ -5500,16 +5888,25 @@ class Rooms:
             if room["type"] != ROOM_PUBLIC:
                 self.say(db, room["id"], speaker(actor, me), "guests_allowed")
         self.talk.chat_posted(room["id"])
+        self.talk.hpb.updated(room["id"])
 
     def make_private(self, actor, token) -> None:
         """A public room becomes a group room; its guests and self-joined users go."""
         with self.talk.db.write() as db:
             room, me = room_for(db, actor, token, MODERATE)
+            users, sessions = [], []
             if room["type"] == ROOM_PUBLIC:
+                for row in backend_attendees(db, room["id"]):
+                    if row["participant_type"] == USER_SELF_JOINED:
+                        users.append(row["user_id"])
+                    elif row["participant_type"] == GUEST and row["session_id"] != "0":
+                        sessions.append(row["session_id"])
                 set_room_type(db, room["id"], ROOM_GROUP)
                 remove_guests_and_self_joined(db, room["id"])
                 self.say(db, room["id"], speaker(actor, me), "guests_disallowed")
         self.talk.room_changed(room["id"])
+        self.talk.hpb.updated(room["id"])
+        self.talk.hpb.disinvited(room["id"], sorted(set(users)), sessions)
 
     def add_user(self, actor, token, user_id, convert_one_to_one=True) -> int | None:
         """Add a user (moderators); returns the room's new type when it changed.
@@ -5535,6 +5932,7 @@ class Rooms:
                 set_room_type(db, room["id"], ROOM_GROUP)
                 new_type = ROOM_GROUP
         self.talk.chat_posted(room["id"])
+        self.talk.hpb.invited(room["id"], [user_id])
         return new_type
 
     def add_group(self, actor, token, group_id) -> None:
@@ -5544,13 +5942,16 @@ class Rooms:
             if room["type"] not in (ROOM_GROUP, ROOM_PUBLIC):
                 raise Refused("one-to-one" if room["type"] == ROOM_ONE_TO_ONE else "not-group-or-public")
             self.check_group(db, actor, group_id)
+            invited = []
             for user_id in group_members(db, group_id):
                 if participant_of(db, room["id"], user_id=user_id) is None:
                     pid = add_participant(db, room["id"], USER, 0, user_id=user_id)
                     added = participant_by_attendee(db, room["id"], pid)
                     self.say(db, room["id"], speaker(actor, me), "user_added",
                              {"user": rich_row(added)})
+                    invited.append(user_id)
         self.talk.room_changed(room["id"])
+        self.talk.hpb.invited(room["id"], invited)
 
     def remove(self, actor, token, find, one_to_one_deletes=True) -> None:
         """Remove the participant `find(db, room)` returns (moderators); never the owner.
@@ -5564,7 +5965,7 @@ class Rooms:
             if gone and not one_to_one_deletes:
                 raise Refused("one-to-one")
             if gone:
-                delete_room(db, room["id"])
+                members = self.drop(db, room)
             else:
                 row = find(db, room)
                 if row is None:
@@ -5573,10 +5974,17 @@ class Rooms:
                     raise Refused("remove-yourself")
                 if row["participant_type"] == OWNER:
                     raise Refused("owner-protected")
+                sessions = [s["id"] for s in sessions_of(db, row["id"])]
                 remove_participant(db, row["id"])
                 self.say(db, room["id"], speaker(actor, me), "user_removed", {"user": rich_row(row)})
                 end_call_if_empty(db, room, me, self.now())
         self.talk.room_changed(room["id"], chat=gone)
+        if gone:
+            self.talk.hpb.deleted(room, members)
+        elif row["user_id"] is not None:
+            self.talk.hpb.disinvited(room["id"], user_ids=[row["user_id"]])
+        else:
+            self.talk.hpb.disinvited(room["id"], session_ids=sessions)
 
     def remove_guest(self, actor, token, session_id) -> None:
         """Remove the guest holding `session_id` (moderators)."""
@@ -5587,9 +5995,11 @@ class Rooms:
                 raise Refused("no-participant")
             if row["participant_type"] != GUEST:
                 raise Refused("not-a-guest")
+            sessions = [s["id"] for s in sessions_of(db, row["id"])]
             remove_participant(db, row["id"])
             end_call_if_empty(db, room, me, self.now())
         self.talk.room_changed(room["id"])
+        self.talk.hpb.disinvited(room["id"], session_ids=sessions)
 
     def remove_self(self, actor, token, keep_a_moderator=False) -> None:
         """Leave a room for good; the last one out (or either of a one-to-one) deletes it.
@@ -5609,13 +6019,20 @@ class Rooms:
                     raise Refused("last-moderator")
             gone = room["type"] == ROOM_ONE_TO_ONE or count_participants(db, room["id"]) <= 1
             if gone:
-                delete_room(db, room["id"])
+                members = self.drop(db, room)
             else:
+                sessions = [s["id"] for s in sessions_of(db, me["id"])]
                 remove_participant(db, me["id"])
                 if me["user_id"] is not None:
                     self.say(db, room["id"], speaker(actor, me), "user_removed",
                              {"user": rich_row(me)}, text="{user} left the conversation")
         self.talk.room_changed(room["id"], chat=gone)
+        if gone:
+            self.talk.hpb.deleted(room, members)
+        elif me["user_id"] is not None:
+            self.talk.hpb.disinvited(room["id"], user_ids=[me["user_id"]])
+        else:
+            self.talk.hpb.disinvited(room["id"], session_ids=sessions)
 
     def join(
         self, actor, token, password, guest_id, address, device=None, force=True
@@ -5647,6 +6064,7 @@ class Rooms:
         previous = actor.guest_id
         guest = None if actor.user_id else guest_id(fresh=needs_password)
         now = self.now()
+        invited = []
         with self.talk.db.write() as db:
             if guest is not None and previous not in (None, guest):
                 # The guest keeps its rows in other rooms under the new identity.
@@ -5665,6 +6083,7 @@ class Rooms:
                     joined = participant_by_attendee(db, room["id"], pid)
                     self.say(db, room["id"], row_speaker(joined), "user_added",
                              {"user": rich_row(joined)}, text="{actor} joined the conversation")
+                    invited.append(actor.user_id)
             else:
                 pid = me["id"]
             if device is None:
@@ -5681,6 +6100,7 @@ class Rooms:
                     end_session_id(db, held["id"])
                 session_id = add_session(db, pid, now, device)
         self.talk.room_changed(room["id"])
+        self.talk.hpb.invited(room["id"], invited)
         return room, session_id
 
     def leave(self, actor, token, session_id=None) -> None:
@@ -5689,20 +6109,74 @@ class Rooms:
         sessions; today's the one named."""
         with self.talk.db.write() as db:
             room, me = room_for(db, actor, token, SEE)
+            own = sessions_of(db, me["id"]) if me is not None else []
+            ended = [s for s in own if session_id is None or s["id"] == session_id]
+            removed = False
             if session_id is not None:
-                if me is not None and any(s["id"] == session_id for s in sessions_of(db, me["id"])):
-                    end_session_id(db, session_id)
-                    if me["participant_type"] in (GUEST, USER_SELF_JOINED) and not count_sessions(
-                        db, me["id"]
-                    ):
-                        remove_participant(db, me["id"])
+                if ended:
+                    removed = self.end_one_session(db, me, session_id)
             elif me is not None and me["session_id"] != "0":
                 if me["participant_type"] in (GUEST, USER_SELF_JOINED):
                     remove_participant(db, me["id"])
+                    removed = True
                 else:
                     end_session(db, me["id"])
             end_call_if_empty(db, room, me, self.now())
         self.talk.room_changed(room["id"])
+        self.left(room["id"], me, ended, removed)
+
+    def left(self, room_id, me, ended, removed) -> None:
+        """Tell the signaling server of sessions that ended: out of the call, and
+        a guest or self-joined user gone with them is no longer invited."""
+        in_call = [s["id"] for s in ended if s["in_call"] & FLAG_IN_CALL]
+        self.talk.hpb.in_call_changed(room_id, 0, in_call)
+        if removed and me["user_id"] is not None:
+            self.talk.hpb.disinvited(room_id, user_ids=[me["user_id"]])
+        elif removed:
+            self.talk.hpb.disinvited(room_id, session_ids=[s["id"] for s in ended])
+
+    @staticmethod
+    def end_one_session(db, me, session_id) -> bool:
+        """End one session of the attendee `me`; a guest or self-joined user goes
+        with their last one (True then)."""
+        end_session_id(db, session_id)
+        if me["participant_type"] in (GUEST, USER_SELF_JOINED) and not count_sessions(db, me["id"]):
+            remove_participant(db, me["id"])
+            return True
+        return False
+
+    def backend_room(self, token, user_id, session_id, leave=False):
+        """The signaling server's room request (SignalingController::backendRoom):
+        (room, attendee row) of the Talk session `session_id` (without one: of the
+        user), None when there is none or it is not `user_id`'s (a guest's, for
+        no user id). A join marks the session seen; a leave ends it, as leaving
+        through the API does."""
+        now = self.now()
+        with self.talk.db.write() as db:
+            room = room_by_token(db, token)
+            row = None
+            if room is not None and session_id:
+                row = participant_by_session(db, room["id"], session_id)
+            elif room is not None and user_id:
+                row = participant_of(db, room["id"], user_id=user_id)
+            if row is None or row["user_id"] != (user_id or None):
+                return None
+            ended, removed = [], False
+            if session_id and not leave:
+                touch_session(db, session_id, row["id"], now)
+            elif session_id:
+                ended = [s for s in sessions_of(db, row["id"]) if s["id"] == session_id]
+                removed = self.end_one_session(db, row, session_id)
+                end_call_if_empty(db, room, row, now)
+        if ended:
+            self.talk.room_changed(room["id"])
+            self.left(room["id"], row, ended, removed)
+        return room, row
+
+    def backend_ping(self, session_ids) -> None:
+        """The signaling server's ping: its sessions are alive (no client pings in external mode)."""
+        with self.talk.db.write() as db:
+            touch_sessions(db, session_ids, self.now())
 
     def call_rules(self, room, me, now) -> int:
         """Who may be in this room's call; the caller's permissions. Read-only rooms,
@@ -5736,7 +6210,8 @@ class Rooms:
             if not running and not permissions & PERM_CALL_START:
                 raise Refused("may-not-start-call")
             rejoin = bool(call_flags_now(session, now))
-            set_call_flags(db, session["id"], publishable(flags | FLAG_IN_CALL, permissions))
+            flags = publishable(flags | FLAG_IN_CALL, permissions)
+            set_call_flags(db, session["id"], flags)
             touch_session(db, session["id"], me["id"], now)
             if not running:
                 set_call_start(db, room["id"], now)
@@ -5744,6 +6219,7 @@ class Rooms:
             elif not rejoin:
                 call_system_message(db, room["id"], me, "call_joined", now)
         self.talk.room_changed(room["id"])
+        self.talk.hpb.in_call_changed(room["id"], flags, [session["id"]])
 
     def change_call_flags(self, actor, token, find_session, flags) -> None:
         """Change a session's in-call flags (audio, video, phone) while in the call."""
@@ -5757,9 +6233,11 @@ class Rooms:
                 raise Refused("not-in-call")
             if not flags & FLAG_IN_CALL:
                 raise Refused("bad-flags")
-            set_call_flags(db, session["id"], publishable(flags, effective_permissions(room, me)))
+            flags = publishable(flags, effective_permissions(room, me))
+            set_call_flags(db, session["id"], flags)
             touch_session(db, session["id"], me["id"], now)
         self.talk.room_changed(room["id"])
+        self.talk.hpb.in_call_changed(room["id"], flags, [session["id"]])
 
     def leave_call(self, actor, token, find_session, everyone=False) -> None:
         """Leave the call (staying in the room); a moderator may end it for everyone.
@@ -5770,7 +6248,9 @@ class Rooms:
             session = find_session(db, me)
             if session is None:
                 raise Refused("no-session")
+            left = [session["id"]]
             if everyone and me["participant_type"] in MODERATOR_TYPES:
+                left = [s["id"] for s in sessions_of_room(db, room["id"]) if s["in_call"]]
                 leave_calls(db, room["id"])
                 if room["call_start_time"]:
                     set_call_start(db, room["id"], 0)
@@ -5786,6 +6266,7 @@ class Rooms:
                     call_system_message(db, room["id"], me, "call_left", now)
                 end_call_if_empty(db, room, me, now)
         self.talk.room_changed(room["id"])
+        self.talk.hpb.in_call_changed(room["id"], 0, left)
 
     def promote(self, actor, token, find) -> None:
         """Make the user `find(db, room)` returns a moderator (moderators)."""
@@ -5802,6 +6283,7 @@ class Rooms:
             self.say(db, room["id"], speaker(actor, me), "moderator_promoted",
                      {"user": rich_row(row)})
         self.talk.chat_posted(room["id"])
+        self.talk.hpb.participants_changed(room["id"], {row["id"]})
 
     def demote(self, actor, token, find) -> None:
         """Make the moderator `find(db, room)` returns a plain user (moderators)."""
@@ -5818,6 +6300,7 @@ class Rooms:
             self.say(db, room["id"], speaker(actor, me), "moderator_demoted",
                      {"user": rich_row(row)})
         self.talk.chat_posted(room["id"])
+        self.talk.hpb.participants_changed(room["id"], {row["id"]})
 
     def set_setting(self, actor, token, column, value, types=(ROOM_GROUP, ROOM_PUBLIC)) -> None:
         """Change a room setting (moderators), in rooms of the given types only."""
@@ -5829,6 +6312,10 @@ class Rooms:
             if column in SETTING_VERBS and room[column] != value:
                 self.say(db, room["id"], speaker(actor, me), SETTING_VERBS[column](value))
         self.talk.room_changed(room["id"])
+        if column in ("default_permissions", "call_permissions"):
+            self.talk.hpb.participants_changed(room["id"])  # everyone's may have changed
+        else:
+            self.talk.hpb.updated(room["id"])
 
     def set_lobby(self, actor, token, state, timer) -> None:
         """Turn the lobby on (with an optional opening time) or off (moderators)."""
@@ -5842,6 +6329,7 @@ class Rooms:
             set_room_setting(db, room["id"], "lobby_state", state, self.now())
             set_room_setting(db, room["id"], "lobby_timer", timer if state else 0, self.now())
         self.talk.room_changed(room["id"])
+        self.talk.hpb.updated(room["id"])
 
     def set_attendee_permissions(self, actor, token, attendee_id, method, permissions) -> None:
         """Set, add or remove an attendee's permissions (moderators; never a moderator's)."""
@@ -5862,6 +6350,7 @@ class Rooms:
             permissions = (permissions | PERM_CUSTOM) & (PERMISSIONS_ALL | PERM_CUSTOM)
             set_attendee_setting(db, row["id"], "permissions", permissions, self.now())
         self.talk.room_changed(room["id"])
+        self.talk.hpb.participants_changed(room["id"], {row["id"]})
 
     def bots(self, actor, token) -> tuple[list[sqlite3.Row], set[int]]:
         """Every bot, and the ids of those set up in the room (moderators)."""
@@ -6811,12 +7300,29 @@ def ice_servers(talk, now) -> tuple[list[str], list[dict]]:
     return stun, turn
 
 
-def signaling_settings(rq):
-    """GET /signaling/settings: STUN and TURN servers for WebRTC."""
-    stun, turn = ice_servers(rq.talk, rq.now)
+def external_signaling(rq, room=None) -> dict:
+    """The settings fields of the signaling mode: with a signaling server, its
+    URL and a fresh ticket for the caller (a guest's names no user)."""
+    talk = rq.talk
+    server = signaling_server_for(talk, room["id"] if room is not None else None)
+    ticket = signaling_ticket(talk, rq.actor.user_id, rq.now) if server else ""
     return {
-        "server": "",
-        "ticket": "",
+        "signalingMode": "external" if server else "internal",
+        "hideWarning": bool(server),
+        "server": server,
+        "ticket": ticket,
+    }
+
+
+def signaling_settings(rq):
+    """GET /signaling/settings: STUN and TURN servers for WebRTC (and the signaling server)."""
+    stun, turn = ice_servers(rq.talk, rq.now)
+    mode = external_signaling(rq)
+    answer = {"server": mode["server"], "ticket": mode["ticket"]}
+    if mode["server"]:  # the 2018 answer had no mode: internal signaling keeps it as it was
+        answer["signalingMode"] = mode["signalingMode"]
+    return {
+        **answer,
         "stunservers": [{"url": secrets.choice(stun)}] if stun else [],
         # Only users and joined guests: anyone else would have an open relay.
         "turnservers": [{"url": entry["urls"], **entry} for entry in turn] if may_relay(rq) else [],
@@ -6901,6 +7407,7 @@ def signaling_messages(rq) -> list:
 
 def signaling_send(rq, token=None):
     """POST /signaling and /signaling/{token}: Send signaling messages."""
+    refuse_internal_signaling(rq.talk)
     items = signaling_messages(rq)
     now, talk = rq.now, rq.talk
     with talk.db.write() as db:
@@ -6918,6 +7425,7 @@ def signaling_send(rq, token=None):
 def signaling_receive(rq, token=None):
     """GET /signaling and /signaling/{token}: Receive signaling messages (long-poll)."""
     talk = rq.talk
+    refuse_internal_signaling(talk)
     gone = OCSError(404, "No session", [{"type": "usersInRoom", "data": []}])
     with talk.db.write() as db:
         my_session, room_id = signaling_session(rq, db, token)
@@ -6969,14 +7477,15 @@ def signaling_settings_v3(rq):
         allowed = may_call(rq, db, room, me)
     stun, turn = ice_servers(rq.talk, rq.now)
     user_id = rq.actor.user_id
+    # Internal: empty strings (the apps test `server` for emptiness to pick it).
+    mode = external_signaling(rq, room)
     return {
-        "signalingMode": "internal",
+        "signalingMode": mode["signalingMode"],
         "userId": user_id,
-        "hideWarning": False,
-        # Empty strings: the apps test `server` for emptiness to pick internal signaling.
-        "server": "",
-        "ticket": "",
-        "helloAuthParams": {"1.0": {"userid": user_id, "ticket": ""}, "2.0": {"token": ""}},
+        "hideWarning": mode["hideWarning"],
+        "server": mode["server"],
+        "ticket": mode["ticket"],
+        "helloAuthParams": {"1.0": {"userid": user_id, "ticket": mode["ticket"]}, "2.0": {"token": ""}},
         "stunservers": [{"urls": stun}] if stun else [],
         "turnservers": turn if allowed else [],
         "sipDialinInfo": "",
@@ -7006,6 +7515,7 @@ def signaling_pull(rq, token):
     caller is still a participant (another join replaced it), else 404.
     """
     talk = rq.talk
+    refuse_internal_signaling(talk)
     now = rq.now
     with talk.db.write() as db:
         room, me, session = signaling_session_v3(rq, db, token, now)
@@ -7040,6 +7550,7 @@ def signaling_pull(rq, token):
 
 def signaling_push(rq, token):
     """POST /signaling/{token}: Send signaling messages (API v3); `control` from moderators only."""
+    refuse_internal_signaling(rq.talk)
     items = signaling_messages(rq)
     talk, now = rq.talk, rq.now
     with talk.db.write() as db:
@@ -7577,6 +8088,124 @@ def bot_unreact(rq, token, message_id):
 
 
 # ---------------------------------------------------------------------------
+# Routes: the High-Performance Backend's requests (SignalingController::backend)
+# ---------------------------------------------------------------------------
+
+
+def hpb_error(code: str, message: str) -> dict:
+    """A refusal the signaling server reads (always with HTTP 200, as Talk)."""
+    return {"type": "error", "error": {"code": code, "message": message}}
+
+
+def hpb_signed(talk, environ, raw) -> bool:
+    """Whether the signaling server signed this body (validateBackendRequest): a
+    Spreed-Signaling-Random of at least 32 characters and the checksum over it
+    and the raw body. Never without a secret: an empty one would sign for anyone."""
+    random = environ.get("HTTP_SPREED_SIGNALING_RANDOM", "")
+    checksum = environ.get("HTTP_SPREED_SIGNALING_CHECKSUM", "").lower()
+    if not talk.signaling_secret or raw is None or len(random) < HPB_RANDOM_MIN or not checksum:
+        return False
+    return hmac.compare_digest(signaling_checksum(talk.signaling_secret, random, raw), checksum)
+
+
+def hpb_string(request, name) -> str:
+    """A text field of a backend request ("" when missing or null), else ValueError."""
+    value = request.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string")
+    return value
+
+
+def hpb_auth(rq, auth) -> dict:
+    """auth: is the ticket of a hello v1 good for the user (or a guest: no user id)?"""
+    params = auth.get("params")
+    if not isinstance(params, dict):
+        raise ValueError("auth.params must be an object")
+    user_id, ticket = hpb_string(params, "userid"), hpb_string(params, "ticket")
+    if not ticket_valid(rq.talk, user_id, ticket, rq.now):
+        return hpb_error("invalid_ticket", "The given ticket is not valid for this user.")
+    answer = {"type": "auth", "auth": {"version": "1.0"}}
+    if user_id:
+        with rq.talk.db.read() as db:
+            user = get_user(db, user_id)
+        if user is None or not user["enabled"]:
+            return hpb_error("no_such_user", "The given user does not exist.")
+        answer["auth"]["userid"] = user["id"]
+        answer["auth"]["user"] = {"displayname": user["display_name"]}
+    return answer
+
+
+def hpb_room(rq, request) -> dict:
+    """room: may this Talk session (of this user) join the room, with which
+    permissions? Or it leaves (action "leave")."""
+    token, session_id = hpb_string(request, "roomid"), hpb_string(request, "sessionid")
+    user_id, action = hpb_string(request, "userid"), hpb_string(request, "action") or "join"
+    if action not in ("join", "leave"):
+        raise ValueError("action must be join or leave")
+    found = rq.talk.rooms.backend_room(token, user_id, session_id, leave=action == "leave")
+    if found is None:  # the same answer for no room and no such attendee: nothing leaks
+        return hpb_error("no_such_room", "The user is not invited to this room.")
+    room, row = found
+    with rq.talk.db.read() as db:
+        properties = signaling_properties(db, room, user_id)
+    return {"type": "room", "room": {
+        "version": "1.0", "roomid": room["token"], "properties": properties,
+        "permissions": backend_permissions(room, row),
+    }}
+
+
+def hpb_ping(rq, ping) -> dict:
+    """ping: the sessions the signaling server holds in a room are alive."""
+    entries = ping.get("entries")
+    if not isinstance(entries, list) or len(entries) > HPB_PING_MAX:
+        raise ValueError(f"ping.entries must be a list of at most {HPB_PING_MAX} objects")
+    if not all(isinstance(entry, dict) for entry in entries):
+        raise ValueError("ping.entries must be a list of objects")
+    sessions = [hpb_string(entry, "sessionid") for entry in entries]
+    rq.talk.rooms.backend_ping([s for s in sessions if s and s != "0"])
+    return {"type": "room", "room": {"version": "1.0"}}
+
+
+HPB_REQUESTS = {"auth": hpb_auth, "room": hpb_room, "ping": hpb_ping}
+
+
+def signaling_backend(rq, api):
+    """POST /signaling/backend: The signaling server asks (auth, room, ping), signed.
+
+    Always 200 (Talk's "sorry about that"); a refusal is an error object. A
+    bad checksum counts towards the address's 429, as Talk's brute-force
+    protection does; junk the checksum vouches for is refused, never a 500.
+    """
+    talk = rq.talk
+    environ = bottle.request.environ
+    address = address_key(client_address(environ))
+    talk.hpb_throttle.check(address)
+    try:
+        raw = read_raw_body(environ, talk.max_body)
+    except OCSError:  # too large (or no length): it cannot be checked
+        raw = None
+    if not hpb_signed(talk, environ, raw):
+        talk.hpb_throttle.begin(address)
+        return hpb_error("invalid_request", "The request could not be authenticated.")
+    try:
+        message = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        message = None
+    kind = message.get("type") if isinstance(message, dict) else None
+    if not isinstance(kind, str) or kind not in HPB_REQUESTS:
+        shown = raw.decode("utf-8", "replace")[:200]
+        return hpb_error("unknown_type", f"The given type {shown} is not supported.")
+    try:
+        if not isinstance(message.get(kind), dict):
+            raise ValueError(f"{kind} must be an object")
+        return HPB_REQUESTS[kind](rq, message[kind])
+    except ValueError as error:
+        return hpb_error("invalid_request", str(error))
+
+
+# ---------------------------------------------------------------------------
 # Routes: Capabilities, status and accounts (SPEC 1.1, 8, 9)
 # ---------------------------------------------------------------------------
 
@@ -7644,7 +8273,8 @@ def capabilities_document(talk) -> dict:
 
 def config_hash(talk) -> str:
     """X-Nextcloud-Talk-Hash: a digest of the capabilities and signaling settings."""
-    settings = [capabilities_document(talk), talk.stun_servers, talk.turn_server]
+    settings = [capabilities_document(talk), talk.stun_servers, talk.turn_server,
+                talk.signaling_servers]
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -8593,7 +9223,8 @@ def autocomplete_get(rq):
 # send it, and reading a picture changes nothing) and answers Binary; BOT is
 # a bot, which proves itself by the signature headers its handler checks
 # (signed_bot), never by Basic auth or cookies.
-PUBLIC, USERS, IMAGE, BOT = "public", "users", "image", "bot"
+# HPB: the signaling server, which signs its requests (the handler reads the raw body).
+PUBLIC, USERS, IMAGE, BOT, HPB = "public", "users", "image", "bot", "hpb"
 
 # One table per API generation and prefix: (method, path under the prefix,
 # handler, who may call it). ROUTE_TABLES says where each is served and which
@@ -8807,8 +9438,16 @@ BOT_ROUTES = [
     ("DELETE", "/bot/<token>/<bot_id>", bot_disable, USERS),
 ]
 
+# The signaling server's backend requests, under .../api/v1, v2 and v3 (it
+# picks v3 when the capabilities list signaling-v3). Registered first: the
+# internal signaling's POST /signaling/<token> would take "backend" for a token.
+HPB_ROUTES = [
+    ("POST", "/signaling/backend", signaling_backend, HPB),
+]
+
 # (prefix, generation, table)
 ROUTE_TABLES = [
+    (SPREED_PREFIX + "/v<api:re:[123]>", 3, HPB_ROUTES),
     (API_PREFIX, 1, ROUTES),
     (API_PREFIX, 1, CHAT_ROUTES),
     (API_V3_PREFIX, 3, ROUTES_V3),
@@ -8871,9 +9510,13 @@ class Talk:
         chat_per_minute=CHAT_PER_MINUTE,
         signaling_per_minute=SIGNALING_PER_MINUTE,
         guests_per_room=GUESTS_PER_ROOM,
+        signaling_servers=(),
+        signaling_secret="",
+        signaling_internal_secret="",
     ):
         if durability not in ("full", "normal"):
             raise ValueError("durability must be full or normal")
+        signaling_servers = checked_signaling_servers(signaling_servers, signaling_secret)
         self.db = Database(db_path, durability)
         self.room_lists: dict[tuple, dict] = {}  # GET /room answers, see shared_answer
         self.avatars = BoundedCache(AVATAR_CACHE_ENTRIES)  # generated PNGs, see avatar_png
@@ -8889,6 +9532,14 @@ class Talk:
         self.stun_servers = list(stun_servers)
         self.turn_server = turn_server
         self.turn_secret = turn_secret
+        # The High-Performance Backend: its URLs (none: internal signaling), the
+        # secret it shares with us, the one of its internal clients (kept for
+        # the services that connect as such), our key of the hello tickets.
+        self.signaling_servers = signaling_servers
+        self.signaling_secret = signaling_secret
+        self.signaling_internal_secret = signaling_internal_secret
+        self.ticket_key = load_server_key(self.db, "signaling-ticket")
+        self.hpb_throttle = Throttle(throttle_free_failures, clock=clock)  # bad checksums
         self.signaling_queue_max = signaling_queue_max
         # Chat and signaling per sender and per room (on the app clock): an
         # anonymous guest cannot grow the database without bound.
@@ -8902,7 +9553,7 @@ class Talk:
         self.guests_per_room = guests_per_room
         self.room_creation = RateLimit(rooms_per_minute)
         self.throttle = Throttle(throttle_free_failures, clock=clock)  # logins
-        self.signin_key = load_signin_key(self.db)
+        self.signin_key = load_server_key(self.db)
         self.flow_starts = RateLimit(LOGIN_FLOWS_PER_MINUTE)
         # Room passwords apart: a user's successful login must not reset them.
         self.room_throttle = Throttle(throttle_free_failures, clock=clock)
@@ -8911,6 +9562,7 @@ class Talk:
         self.public_url = public_url  # X-Nextcloud-Talk-Backend; "" = the request's own
         self.bots = Webhooks(self, timeout=webhook_timeout)
         self.bot_throttle = Throttle(throttle_free_failures)  # bad bot signatures
+        self.hpb = SignalingNotifier(self)
         self._expiry_lock = threading.Lock()
         self._expiry = None  # (when, timer) of the next message expiration
         self.closing = False
@@ -8951,6 +9603,7 @@ class Talk:
         self.notifier.notify(*keys)  # news None: today's polls look again
         if not chat:
             self.bots.posted(room_id)
+            self.hpb.chat_changed(room_id)
         if chat:  # the room went, with its history: let the file shrink
             with self.db.write() as db:
                 reclaim_pages(db)
@@ -8970,6 +9623,7 @@ class Talk:
                 self.notifier.notify(chat_key(room_id), news=row)
             self.notifier.notify(modern_chat_key(room_id), news=row)
         self.bots.posted(room_id, rows)
+        self.hpb.chat_changed(room_id, posted=bool(rows))
 
     def expire_guests(self, token):
         """Delete guest rows inactive past the window, when there are any (SPEC 2)."""
@@ -9032,6 +9686,7 @@ class Talk:
     def close(self):
         self.shutdown()
         self.bots.close()
+        self.hpb.close()
         self.db.close()
 
 
@@ -9080,13 +9735,14 @@ def ocs_callback(talk, handler, who, generation=1, max_body=None):
         try:
             query = query_params(request.query)
             fmt = query.get("format") or fmt
-            body = read_body(environ, max_body)
+            body = read_body(environ, max_body) if who != HPB else {}
             fmt = body.get("format") if isinstance(body.get("format"), str) else fmt
             if fmt not in ("json", "xml"):
                 fmt = "json"
                 fail(400, "format must be json or xml")
-            actor = Actor() if who == BOT else authenticate(talk, environ, need_user=(who == USERS))
-            if who != IMAGE and not csrf_ok(environ):
+            anyone = who in (BOT, HPB)  # they sign their requests instead
+            actor = Actor() if anyone else authenticate(talk, environ, need_user=(who == USERS))
+            if who not in (IMAGE, HPB) and not csrf_ok(environ):
                 raise CSRFError()
             rq = Call(talk, actor, {**query, **body}, version)
             rq.may_wait = may_wait(handler, environ.get("QUERY_STRING", ""))
@@ -9180,8 +9836,11 @@ def make_app(db_path, **options) -> bottle.Bottle:
     public_url (the X-Nextcloud-Talk-Backend of webhooks; default: the URL
     each request came to), webhook_timeout (seconds), chat_per_minute,
     signaling_per_minute (per sender; a room takes five senders' share),
-    guests_per_room. The app's state is `app.talk`; `app.talk.close()` ends
-    waits, stops the webhook workers and closes the database.
+    guests_per_room, signaling_servers (URLs of High-Performance Backend
+    signaling servers; none: internal signaling), signaling_secret (shared
+    with them; required with servers), signaling_internal_secret. The app's
+    state is `app.talk`; `app.talk.close()` ends waits, stops the webhook and
+    signaling-server workers and closes the database.
     """
     talk = Talk(db_path, **options)
     app = bottle.Bottle(catchall=True)
@@ -9589,6 +10248,23 @@ def parse_args(argv):
         default=env("TALK_PUBLIC_URL", ""),
         help="this server's URL as bots reach it (X-Nextcloud-Talk-Backend; TALK_PUBLIC_URL)",
     )
+    serve.add_argument(
+        "--signaling-server",
+        action="append",
+        default=None,
+        help="URL of a High-Performance Backend signaling server, repeatable "
+        "(TALK_SIGNALING_SERVERS, comma-separated; default: internal signaling)",
+    )
+    serve.add_argument(
+        "--signaling-secret",
+        default=env("TALK_SIGNALING_SECRET", ""),
+        help="the secret shared with the signaling servers (TALK_SIGNALING_SECRET)",
+    )
+    serve.add_argument(
+        "--signaling-internal-secret",
+        default=env("TALK_SIGNALING_INTERNAL_SECRET", ""),
+        help="the signaling servers' secret of internal clients (TALK_SIGNALING_INTERNAL_SECRET)",
+    )
     serve.add_argument("--demo", action="store_true", help="add demo users alice, bob and carol")
 
     user = commands.add_parser("user", help="manage users").add_subparsers(dest="action", required=True)
@@ -9819,8 +10495,7 @@ def tell_bot(database, room, bot, kind, public_url) -> None:
     if not receives_http(bot, 0):
         return
     body = php_json(webhook_membership(room, bot, kind))
-    delivery = Delivery(bot["id"], bot["url"], bot["secret"], body, public_url.rstrip("/") + "/")
-    error = post_webhook(delivery, WEBHOOK_TIMEOUT)
+    error = post_signed(webhook_delivery(bot, body, public_url.rstrip("/") + "/"), WEBHOOK_TIMEOUT)
     if error is not None:
         with database.write() as db:
             count_bot_error(db, bot["id"], int(time.time()), error)
@@ -9975,6 +10650,13 @@ def run_serve(args):
     ]
     if args.threads < 2 or not 0 <= args.reserve < args.threads:
         die("--threads must be at least 2 and --reserve between 0 and threads - 1")
+    signaling = args.signaling_server or [
+        s.strip() for s in env("TALK_SIGNALING_SERVERS", "").split(",") if s.strip()
+    ]
+    try:
+        checked_signaling_servers(signaling, args.signaling_secret)
+    except ValueError as error:
+        die(str(error))
     started = time.monotonic()
     tune_memory()
     try:
@@ -9989,6 +10671,9 @@ def run_serve(args):
             chat_per_minute=max(1, args.chat_per_minute),
             signaling_per_minute=max(1, args.signaling_per_minute),
             public_url=args.public_url,
+            signaling_servers=signaling,
+            signaling_secret=args.signaling_secret,
+            signaling_internal_secret=args.signaling_internal_secret,
         )
     except (sqlite3.Error, RuntimeError, OSError) as error:
         die(f"cannot open database {args.db}: {error}")

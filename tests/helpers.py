@@ -1,10 +1,13 @@
 """Shared steps of the room and participant tests: one call each, status checked."""
 
 import http.cookiejar
+import queue
 import re
+import threading
 import time
 import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CLOUD = "/ocs/v2.php/cloud"
 
@@ -143,3 +146,48 @@ def wait_until(condition, limit=30.0, what="the condition"):
     while not condition():
         assert time.monotonic() < deadline, f"{what} never held"
         time.sleep(0.002)
+
+
+class RecordingServer:
+    """An HTTP endpoint on a free loopback port (`url`, ending in `path`) for what
+    talk-server sends out (bot webhooks, signaling server notifications). It
+    records every POST as (path, headers, raw body) in `requests`, answers the
+    next of `statuses` (then `status`), and while `release` is clear it holds
+    each request (after setting `arrived`)."""
+
+    def __init__(self, path="", status=200, hold=10):
+        self.status = status
+        self.statuses = []
+        self.requests = queue.Queue()
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                recorder.requests.put((self.path, dict(self.headers), raw))
+                recorder.arrived.set()
+                recorder.release.wait(hold)
+                self.send_response(recorder.statuses.pop(0) if recorder.statuses else recorder.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}{path}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def empty(self) -> bool:
+        return self.requests.empty()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)

@@ -12,14 +12,11 @@ import asyncio
 import hashlib
 import hmac
 import json
-import queue
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import API
-from helpers import create, join
+from helpers import RecordingServer, create, join
 
 import talk_server
 
@@ -32,53 +29,22 @@ WAIT = 10  # seconds any webhook may take to arrive before a test fails
 # --- A bot's webhook endpoint ----------------------------------------------------
 
 
-class Receiver:
+class Receiver(RecordingServer):
     """A webhook endpoint on a free loopback port. It records every POST, answers
     `status`, and while `release` is clear it hangs (after `arrived` is set)."""
 
     def __init__(self, status=200):
-        self.status = status
-        self.requests = queue.Queue()
-        self.arrived = threading.Event()
-        self.release = threading.Event()
-        self.release.set()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                raw = self.rfile.read(int(self.headers["Content-Length"])).decode("utf-8")
-                receiver.requests.put((dict(self.headers), raw))
-                receiver.arrived.set()
-                receiver.release.wait(WAIT)
-                self.send_response(receiver.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/webhook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        super().__init__("/webhook", status, hold=WAIT)
 
     def next(self, secret=SECRET):
         """The next webhook: (headers, body as JSON), its signature checked independently."""
-        headers, raw = self.requests.get(timeout=WAIT)
+        _, headers, raw = self.requests.get(timeout=WAIT)
+        raw = raw.decode("utf-8")
         random = headers["X-Nextcloud-Talk-Random"]
         expected = hmac.new(secret.encode(), (random + raw).encode(), hashlib.sha256).hexdigest()
         assert headers["X-Nextcloud-Talk-Signature"] == expected
         assert len(random) == 64 and headers["Content-Type"] == "application/json"
         return headers, json.loads(raw)
-
-    def empty(self) -> bool:
-        return self.requests.empty()
-
-    def close(self):
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
