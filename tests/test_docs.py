@@ -37,6 +37,7 @@ SECTIONS = {
     id(talk_server.CHAT_ROUTES): "### Chat on today's API",
     id(talk_server.ROUTES_V3): "### Today's API: internal signaling (v3)",
     id(talk_server.BOT_ROUTES): "## Bots",
+    id(talk_server.HPB_ROUTES): "## Large calls: the High-Performance Backend",
 }
 
 
