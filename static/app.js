@@ -2738,11 +2738,14 @@
     for (const sid of [...call.peers.keys()]) if (!wanted.has(sid)) closePeer(sid);
     for (const sid of [...call.screens.keys()]) if (!wanted.has(sid)) closeScreenPeer(sid);
     for (const sid of wanted) {
-      if (!call.peers.has(sid)) {
+      const known = call.peers.get(sid);
+      if (!known) {
         const peer = createPeer(rs, sid);
         if (hpb) requestOffer(rs, peer);
         else if (peer.offerer) makeOffer(rs, peer);
         if (call.hand) sendSignal(rs, sid, 'raiseHand', { state: true, timestamp: Date.now() }, 'video');
+      } else if (hpb && !known.pc.remoteDescription) {
+        requestOffer(rs, known); // the call changed: the server may say yes now
       }
       if (call.screen && !call.screens.has(sid)) offerScreen(rs, sid);
     }
@@ -3081,7 +3084,8 @@
 
   const HPB_BACKEND_PATH = V3 + '/signaling/backend';
   const HPB_REQUEST_TIMEOUT_MS = 15000;
-  const REQUEST_OFFER_TRIES = 6;
+  const REQUEST_OFFER_TRIES = 10;
+  const OFFER_WAIT_MS = 3000; // no offer this long after a requestoffer: ask again
 
   /** The WebSocket address of a signaling server configured as http(s) or ws(s). */
   function hpbSocketUrl(server) {
@@ -3100,6 +3104,7 @@
       handling: Promise.resolve(), // peer messages, one after the other
       nextId: 1,
       failures: 0,
+      greeted: false, // a hello succeeded before: the next one is a reconnection
       stopped: false,
     };
     rs.signal.addEventListener('abort', () => hpbStop(rs), { once: true });
@@ -3136,8 +3141,13 @@
       hpb.ownId = hello.sessionid;
       await hpbRequest(rs, 'room', { roomid: rs.token, sessionid: rs.sessionId });
       hpb.failures = 0;
+      const again = hpb.greeted;
+      hpb.greeted = true;
       if (rs.inCall) {
         hpbPublish(rs);
+        // A new signaling session knows nothing of our call: joining it again
+        // makes talk-server tell the server who is in it.
+        if (again) api('POST', `/call/${rs.token}`, { flags: callFlags() }, { signal: rs.signal }).catch(() => {});
         updatePeers(rs);
       }
     } catch (error) {
@@ -3332,14 +3342,22 @@
     peer.pc.close();
   }
 
-  /** Ask Janus to offer us `peer`'s stream; it may not have published yet, so ask a few times. */
-  function requestOffer(rs, peer, tries = 0) {
-    hpbSendTo(rs, peer.sid, { type: 'requestoffer', roomType: 'video' }, () => {
-      if (call.peers.get(peer.sid) !== peer || tries + 1 >= REQUEST_OFFER_TRIES) return;
-      sleep(backoffMs(tries + 1), rs.signal).then(() => {
-        if (rs.inCall && call.peers.get(peer.sid) === peer && !peer.pc.remoteDescription) requestOffer(rs, peer, tries + 1);
+  /**
+   * Ask Janus to offer us `peer`'s stream. The server refuses (with an error)
+   * while the stream has not reached Janus, and ignores us (silently) while it
+   * does not yet count both of us in the call: ask again after a refusal, after
+   * a silence, and when the call changes, a bounded number of times.
+   */
+  function requestOffer(rs, peer) {
+    if ((peer.asked || 0) >= REQUEST_OFFER_TRIES || Date.now() - (peer.askedAt || 0) < OFFER_WAIT_MS / 3) return;
+    peer.asked = (peer.asked || 0) + 1;
+    peer.askedAt = Date.now();
+    const again = (ms) =>
+      sleep(ms, rs.signal).then(() => {
+        if (rs.inCall && call.peers.get(peer.sid) === peer && !peer.pc.remoteDescription) requestOffer(rs, peer);
       });
-    });
+    hpbSendTo(rs, peer.sid, { type: 'requestoffer', roomType: 'video' }, () => again(backoffMs(peer.asked)));
+    again(OFFER_WAIT_MS);
   }
 
   /** The Talk session behind a signaling session (the same id with internal signaling). */

@@ -214,7 +214,7 @@ class Daemon:
     def __init__(self, name, command, log_path):
         self.name = name
         self.log_path = log_path
-        self.log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
             command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
@@ -283,9 +283,13 @@ def signaling_stats(port):
 
 @pytest.fixture
 def hpb(tmp_path, password_hash):
-    """Janus, the signaling server and talk-server using them: yields talk-server's URL."""
+    """Janus, talk-server and the signaling server between them, on loopback ports.
+
+    Yields talk-server's URL, the signaling server's port and the daemons (for
+    their logs). Teardown runs backwards: the signaling server, talk-server,
+    Janus, the veth pair, then the folder with the configs and logs.
+    """
     folder = Path(tempfile.mkdtemp(prefix="talk-hpb-"))
-    daemons = []
     try:
         with contextlib.ExitStack() as stack:
             interface = stack.enter_context(veth_for_janus())
@@ -295,7 +299,7 @@ def hpb(tmp_path, password_hash):
                 [JANUS, "-C", str(janus_config(folder, janus_port, interface)), "-F", str(folder)],
                 folder / "janus.log",
             )
-            daemons.append(janus)
+            stack.callback(janus.stop)
             wait_ready(janus, lambda: janus_answers(janus_port))
 
             secret = secrets.token_hex(32)
@@ -309,20 +313,35 @@ def hpb(tmp_path, password_hash):
                 )
             )
             config = signaling_config(folder, signaling_port, base_url, secret, janus_port)
-            signaling = Daemon(
-                "nextcloud-spreed-signaling",
-                [SIGNALING, "-config", str(config)],
-                folder / "signaling.log",
-            )
-            daemons.append(signaling)
-            wait_ready(signaling, lambda: signaling_welcome(signaling_port))
-            wait_ready(
-                signaling, lambda: signaling_stats(signaling_port).get("mcu", {}).get("connected")
-            )
-            yield {"url": base_url, "signaling_port": signaling_port, "logs": daemons}
+            daemons = {"janus": janus}
+
+            def start_signaling():
+                """(Re)start the signaling server; ready once it greets and reaches Janus."""
+                signaling = Daemon(
+                    "nextcloud-spreed-signaling",
+                    [SIGNALING, "-config", str(config)],
+                    folder / "signaling.log",
+                )
+                daemons["signaling"] = signaling
+                wait_ready(signaling, lambda: signaling_welcome(signaling_port))
+                wait_ready(
+                    signaling,
+                    lambda: signaling_stats(signaling_port).get("mcu", {}).get("connected"),
+                )
+
+            def restart_signaling():
+                daemons["signaling"].stop()
+                start_signaling()
+
+            stack.callback(lambda: daemons["signaling"].stop())
+            start_signaling()
+            yield {
+                "url": base_url,
+                "signaling_port": signaling_port,
+                "restart_signaling": restart_signaling,
+                "logs": daemons.values(),  # live: the restarted server's log too
+            }
     finally:
-        for daemon in reversed(daemons):
-            daemon.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -468,6 +487,20 @@ def test_three_party_call_goes_through_janus(browser, hpb):
                 assert connection["remote"] == JANUS_ADDRESS, state
                 if connection["role"] == "subscriber":
                     assert connection["framesDecoded"] > 0, state
+
+        # The signaling server restarts: every page greets the new one with a new
+        # session, joins the room and the call again, and the call comes back.
+        hpb["restart_signaling"]()
+        for person in people:
+            wait_until(
+                person,
+                "(old) => ![null, old].includes(window.talkDebug.signalingSession)",
+                sessions[person.user_id],
+                hpb["logs"],
+            )
+        for person in people:
+            wait_until(person, CALL_UP, 2, hpb["logs"])
+        assert signaling_stats(hpb["signaling_port"])["mcu"]["publishers"] == 3
 
         # Alice hangs up: her connections close, the others drop her stream only.
         alice.by("call-hangup").click()
