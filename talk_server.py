@@ -19,11 +19,13 @@ Sections of this module, in order:
     constants . errors and the OCS envelope . database . data access
     (users and groups, sessions, rooms, participants, calls, chat, signaling,
     avatars, user status, autocomplete) . JSON shapes . auth and request
-    helpers (multipart too) . long-poll notifier . avatar images (font, PNG
-    writer, upload and emoji checks) . room operations . routes, one section
+    helpers (multipart too) . long-poll notifier . the outbox of signed POSTs
+    (bot webhooks; notifications to a High-Performance Backend's signaling
+    server) . avatar images (font, PNG writer, upload and emoji checks) . room
+    operations . routes, one section
     per API generation (v1: room management, participant management, call
     management, chat, signaling; v3: signaling; v4: calls, conversations,
-    participants),
+    participants), bots, the signaling server's backend requests,
     sign-in for apps, avatars, user status, user search, capabilities and
     accounts . app factory . serving . command line
 """
@@ -4489,7 +4491,7 @@ def ticket_valid(talk, user_id, ticket, now: int) -> bool:
     SIGNALING_TICKET_SECONDS."""
     data, _, mac = ticket.rpartition(":")
     parts = data.split(":", 2)
-    if len(parts) != 3 or not hmac.compare_digest(
+    if not talk.ticket_key or len(parts) != 3 or not hmac.compare_digest(
         keyed_hash(talk.ticket_key, "signaling-ticket", data), mac
     ):
         return False
@@ -9551,7 +9553,7 @@ class Talk:
         self.signaling_servers = signaling_servers
         self.signaling_secret = signaling_secret
         self.signaling_internal_secret = signaling_internal_secret
-        self.ticket_key = load_server_key(self.db, "signaling-ticket")
+        self.ticket_key = load_server_key(self.db, "signaling-ticket") if signaling_servers else b""
         self.hpb_throttle = Throttle(throttle_free_failures, clock=clock)  # bad checksums
         self.signaling_queue_max = signaling_queue_max
         # Chat and signaling per sender and per room (on the app clock): an

@@ -36,6 +36,7 @@ SECTIONS = {
     id(talk_server.ROUTES_V4): "### Today's API: conversations and participants (v4)",
     id(talk_server.CHAT_ROUTES): "### Chat on today's API",
     id(talk_server.ROUTES_V3): "### Today's API: internal signaling (v3)",
+    id(talk_server.HPB_ROUTES): "### Today's API: the signaling server's backend requests",
     id(talk_server.BOT_ROUTES): "## Bots",
     id(talk_server.HPB_ROUTES): "## Large calls: the High-Performance Backend",
 }
