@@ -38,7 +38,6 @@ SECTIONS = {
     id(talk_server.ROUTES_V3): "### Today's API: internal signaling (v3)",
     id(talk_server.HPB_ROUTES): "### Today's API: the signaling server's backend requests",
     id(talk_server.BOT_ROUTES): "## Bots",
-    id(talk_server.HPB_ROUTES): "## Large calls: the High-Performance Backend",
 }
 
 
