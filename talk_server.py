@@ -8308,6 +8308,19 @@ def status_php():
     )
 
 
+def client_csp(talk) -> str:
+    """CLIENT_CSP; with external signaling the page may also open WebSockets to
+    the signaling servers (connect-src), and to nothing else."""
+    sockets = set()
+    for url in talk.signaling_servers:
+        parts = urlsplit(url)
+        scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+        sockets.add(f"{scheme}://{parts.netloc}")
+    if not sockets:
+        return CLIENT_CSP
+    return CLIENT_CSP + "; connect-src 'self' " + " ".join(sorted(sockets))
+
+
 def static_file(path="index.html"):
     """GET / and /static/...: the browser client; revalidated on every load."""
     try:
@@ -8317,7 +8330,7 @@ def static_file(path="index.html"):
     answer = bottle.static_file(path, root=str(root))
     answer.set_header("Cache-Control", "no-cache")
     # The client's own scripts, styles and API only; no framing (clickjacking).
-    answer.set_header("Content-Security-Policy", CLIENT_CSP)
+    answer.set_header("Content-Security-Policy", client_csp(bottle.request.app.talk))
     answer.set_header("X-Content-Type-Options", "nosniff")
     answer.set_header("Referrer-Policy", "no-referrer")  # room tokens live in URLs
     return answer

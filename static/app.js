@@ -1,6 +1,7 @@
 /* talk-server's browser client on today's Talk API: conversations and
  * participants on v4, chat by message id with lookIntoFuture, calls as a mesh
- * of peer connections.
+ * of peer connections, or through the High-Performance Backend (the signaling
+ * server's WebSocket and Janus) when the server names one.
  *
  * Vanilla JavaScript, no build step, no external URL: it must work on a LAN
  * with no internet, under a Content-Security-Policy without inline code.
@@ -18,7 +19,8 @@
  *  10. Participants panel and conversation settings
  *  11. Connect a phone: app passwords and the QR code
  *  12. Calls (v4, signaling v3): peers, screen sharing, raised hands, speaking
- *  13. Start-up
+ *  13. The High-Performance Backend: external signaling, MCU calls
+ *  14. Start-up
  *
  * Security rule: text from the server only ever reaches the page through
  * textContent / Text nodes (see el()); this file never assigns innerHTML.
@@ -331,6 +333,22 @@
   window.talkDebug = {
     peerConnections: new Map(),
     screenConnections: new Map(),
+    /** Every connection the call holds: {role: peer|publisher|subscriber|screen, session, pc}. */
+    connections() {
+      const hpb = Boolean(state.room && state.room.hpb);
+      const list = [];
+      if (call.publisher) list.push({ role: 'publisher', session: call.publisher.sid, pc: call.publisher.pc });
+      for (const peer of call.peers.values()) list.push({ role: hpb ? 'subscriber' : 'peer', session: peer.sid, pc: peer.pc });
+      for (const peer of call.screens.values()) list.push({ role: 'screen', session: peer.sid, pc: peer.pc });
+      return list;
+    },
+    get signalingMode() {
+      return state.room ? (state.room.hpb ? 'external' : 'internal') : null;
+    },
+    /** Our session on the signaling server (external signaling), once it greeted us. */
+    get signalingSession() {
+      return state.room && state.room.hpb ? state.room.hpb.ownId : null;
+    },
     notifications: [],
     timings: {},
     get sessionId() {
@@ -830,6 +848,8 @@
       this.lastRecovery = 0;
       this.timers = [];
       this.hands = new Map(); // session id -> raised?
+      this.settings = null; // signaling settings v3, as the room opened
+      this.hpb = null; // the signaling server's connection (external signaling), or null
     }
 
     get signal() {
@@ -888,7 +908,10 @@
       if (!rs.alive) return;
       rs.lastReadAtOpen = rs.room.lastReadMessage || 0;
       renderRoomHeader(rs);
+      // Internal or external signaling: asked for while the history loads.
+      const settings = loadSignalingSettings(rs);
       await loadHistory(rs);
+      rs.settings = await settings;
     } catch (error) {
       if (!rs.alive) return;
       if (isAbort(error)) {
@@ -904,7 +927,8 @@
     window.talkDebug.timings.openRoomMs = Math.round(performance.now() - started);
     $('message-input').focus({ preventScroll: true });
     chatLoop(rs);
-    signalingLoop(rs);
+    if (isExternal(rs.settings)) hpbStart(rs, rs.settings);
+    else signalingLoop(rs);
     // No ping route (no-ping): the chat and signaling polls keep the session alive.
     rs.timers.push(setInterval(() => refreshRoom(rs), ROOM_REFRESH_MS));
     refreshParticipants(rs);
@@ -1020,6 +1044,7 @@
         if (wasInCall) closeAllPeers();
         await joinRoom(rs);
         renderRoomHeader(rs);
+        if (rs.hpb) hpbReconnect(rs); // the signaling server joins the new session
         if (wasInCall) await api('POST', `/call/${rs.token}`, { flags: callFlags() }, { signal: rs.signal });
         return true;
       } catch (error) {
@@ -2497,6 +2522,7 @@
     local: null, // our MediaStream, or null when we only watch and listen
     screen: null, // our shared screen's MediaStream
     peers: new Map(), // peer session id -> {sid, pc, offerer, pending, tile, video}
+    publisher: null, // through the HPB: our own stream's connection to Janus
     screens: new Map(), // peer session id -> screen peer (ours when we share, theirs when they do)
     iceServers: [],
     hand: false,
@@ -2524,10 +2550,25 @@
     return null;
   }
 
+  /** Signaling settings v3 for the room (null when they cannot be had: internal signaling). */
+  async function loadSignalingSettings(rs) {
+    try {
+      const { data } = await api('GET', '/signaling/settings', { token: rs.token }, { base: V3, signal: rs.signal });
+      return data && typeof data === 'object' ? data : null;
+    } catch (error) {
+      if (isAbort(error)) throw error;
+      return null;
+    }
+  }
+
+  function isExternal(settings) {
+    return Boolean(settings && settings.signalingMode === 'external' && typeof settings.server === 'string' && settings.server);
+  }
+
   /** STUN and TURN from the server; a LAN without internet still connects on host candidates. */
   async function loadIceServers(rs) {
     try {
-      const { data } = await api('GET', '/signaling/settings', { token: rs.token }, { base: V3, signal: rs.signal });
+      const data = await loadSignalingSettings(rs);
       const servers = [];
       for (const stun of (data && data.stunservers) || []) {
         const urls = stun && (stun.urls || stun.url);
@@ -2557,6 +2598,9 @@
       // races the answer to this POST is not dropped.
       rs.inCall = true;
       showCallArea(rs);
+      // Through the HPB our stream goes to Janus first: the others ask for it
+      // as soon as the server tells them we are in the call.
+      if (rs.hpb) hpbPublish(rs);
       await api('POST', `/call/${rs.token}`, { flags: callFlags() }, { signal: rs.signal });
       updatePeers(rs);
       renderCallButton(rs);
@@ -2634,9 +2678,15 @@
     cam.title = camOff ? 'Turn camera on' : 'Turn camera off';
     mic.classList.toggle('off', micOff);
     cam.classList.toggle('off', camOff);
-    $('toggle-screen').disabled = !(navigator.mediaDevices && navigator.mediaDevices.getDisplayMedia);
+    // Screens are shared peer to peer; through the HPB only cameras are (for now).
+    const viaHpb = Boolean(state.room && state.room.hpb);
+    $('toggle-screen').disabled = viaHpb || !(navigator.mediaDevices && navigator.mediaDevices.getDisplayMedia);
     $('toggle-screen').setAttribute('aria-pressed', String(Boolean(call.screen)));
-    $('toggle-screen').title = call.screen ? 'Stop sharing your screen' : 'Share your screen';
+    $('toggle-screen').title = viaHpb
+      ? 'Screen sharing is not available through the High-Performance Backend'
+      : call.screen
+        ? 'Stop sharing your screen'
+        : 'Share your screen';
     const localTile = $('video-grid').querySelector('.tile.local');
     if (localTile) localTile.classList.toggle('no-video', camOff);
   }
@@ -2655,7 +2705,8 @@
   }
 
   function peerName(rs, sid) {
-    const p = rs.participants.find((x) => x.sessionIds.includes(sid));
+    const talkSession = talkSessionOf(rs, sid);
+    const p = rs.participants.find((x) => x.sessionIds.includes(talkSession));
     return p ? p.name : 'Someone';
   }
 
@@ -2666,21 +2717,35 @@
     }
   }
 
-  /** Match the peer connections to usersInRoom: one per other session in the call. */
+  /**
+   * Match the peer connections to usersInRoom: one per other session in the
+   * call. Through the HPB: one subscriber per other session that publishes
+   * (in the call with audio or video), keyed by its signaling session.
+   */
   function updatePeers(rs) {
     if (!rs.inCall || !rs.sessionId) return;
+    const hpb = rs.hpb;
+    if (hpb && !hpb.ownId) return; // (re)connecting: the room join brings the list again
     const wanted = new Set(
-      rs.users
-        .filter((user) => Number(user.inCall) & 1 && user.sessionId && user.sessionId !== rs.sessionId)
-        .map((user) => user.sessionId),
+      hpb
+        ? rs.users
+            .filter((user) => Number(user.inCall) & 1 && Number(user.inCall) & 6 && user.signalingId !== hpb.ownId)
+            .map((user) => user.signalingId)
+        : rs.users
+            .filter((user) => Number(user.inCall) & 1 && user.sessionId && user.sessionId !== rs.sessionId)
+            .map((user) => user.sessionId),
     );
     for (const sid of [...call.peers.keys()]) if (!wanted.has(sid)) closePeer(sid);
     for (const sid of [...call.screens.keys()]) if (!wanted.has(sid)) closeScreenPeer(sid);
     for (const sid of wanted) {
-      if (!call.peers.has(sid)) {
+      const known = call.peers.get(sid);
+      if (!known) {
         const peer = createPeer(rs, sid);
-        if (peer.offerer) makeOffer(rs, peer);
+        if (hpb) requestOffer(rs, peer);
+        else if (peer.offerer) makeOffer(rs, peer);
         if (call.hand) sendSignal(rs, sid, 'raiseHand', { state: true, timestamp: Date.now() }, 'video');
+      } else if (hpb && !known.pc.remoteDescription) {
+        requestOffer(rs, known); // the call changed: the server may say yes now
       }
       if (call.screen && !call.screens.has(sid)) offerScreen(rs, sid);
     }
@@ -2691,9 +2756,10 @@
     pc.onicecandidate = (event) => {
       if (!event.candidate) return;
       const { candidate, sdpMid, sdpMLineIndex } = event.candidate;
-      sendSignal(rs, peer.sid, 'candidate', { candidate: { candidate, sdpMid, sdpMLineIndex } }, roomType);
+      sendSignal(rs, peer.sid, 'candidate', { candidate: { candidate, sdpMid, sdpMLineIndex } }, roomType, peer.connectionId);
     };
     pc.ontrack = (event) => {
+      if (!peer.video) return; // our publisher receives nothing
       if (!peer.stream) peer.stream = event.streams[0] || new MediaStream();
       if (!peer.stream.getTracks().includes(event.track)) peer.stream.addTrack(event.track);
       if (peer.video.srcObject !== peer.stream) peer.video.srcObject = peer.stream;
@@ -2704,7 +2770,9 @@
 
   function createPeer(rs, sid) {
     // Glare rule: the lexicographically smaller session id makes the offer.
-    const peer = { sid, offerer: rs.sessionId < sid, pending: [], stream: null };
+    // Through the HPB, Janus always offers: the peer is a subscriber.
+    const subscriber = Boolean(rs.hpb);
+    const peer = { sid, offerer: !subscriber && rs.sessionId < sid, subscriber, pending: [], stream: null };
     const video = el('video', { 'aria-label': 'Video of ' + peerName(rs, sid) });
     video.autoplay = true;
     video.playsInline = true;
@@ -2714,7 +2782,7 @@
       { class: 'tile remote', 'data-testid': 'video-tile', 'data-local': 'false', 'data-session': sid, 'data-state': 'new', 'data-speaking': 'false' },
       video,
       el('span', { class: 'tile-label' }, peerName(rs, sid)),
-      el('span', { class: 'tile-hand', 'data-testid': 'tile-hand', 'aria-label': 'Hand raised', hidden: !rs.hands.get(sid) }, '✋'),
+      el('span', { class: 'tile-hand', 'data-testid': 'tile-hand', 'aria-label': 'Hand raised', hidden: !rs.hands.get(talkSessionOf(rs, sid)) }, '✋'),
       status,
     );
     peer.video = video;
@@ -2722,7 +2790,7 @@
     renderGridSize();
     const pc = newPeerConnection(rs, peer, 'video');
     peer.pc = pc;
-    const localTracks = call.local ? call.local.getTracks() : [];
+    const localTracks = call.local && !subscriber ? call.local.getTracks() : [];
     for (const track of localTracks) pc.addTrack(track, call.local);
     if (peer.offerer) {
       // Without a camera or microphone, still ask to receive both.
@@ -2738,6 +2806,10 @@
       if (ice === 'failed' && peer.offerer && call.peers.get(sid) === peer) {
         pc.restartIce();
         makeOffer(rs, peer, { iceRestart: true });
+      } else if (ice === 'failed' && subscriber && call.peers.get(sid) === peer) {
+        // Janus offers afresh to a new subscriber.
+        closePeer(sid);
+        updatePeers(rs);
       }
     };
     call.peers.set(sid, peer);
@@ -2768,6 +2840,7 @@
   function closeAllPeers() {
     for (const sid of [...call.peers.keys()]) closePeer(sid);
     for (const sid of [...call.screens.keys()]) closeScreenPeer(sid);
+    closePublisher();
   }
 
   // Screen sharing: one more connection per peer (roomType "screen"), offered by the sharer.
@@ -2895,14 +2968,20 @@
     for (const candidate of pending) await peer.pc.addIceCandidate(candidate).catch(() => {});
   }
 
-  /** One signaling message {from, to, type, payload, roomType} from a peer. */
+  /**
+   * One signaling message {from, to, type, payload, roomType, sid} from a
+   * peer, or through the HPB from Janus: the answer to our publisher comes
+   * "from" our own signaling session, a subscriber's offer from its publisher.
+   */
   async function handleSignal(rs, message) {
     if (!message || typeof message !== 'object' || !rs.inCall) return;
     const from = message.from;
-    if (!from || from === rs.sessionId || (message.to && message.to !== rs.sessionId)) return;
+    const me = rs.hpb ? rs.hpb.ownId : rs.sessionId;
+    const own = Boolean(rs.hpb) && from === me;
+    if (!from || (from === me && !own) || (message.to && message.to !== me)) return;
     const payload = message.payload || {};
     if (message.type === 'raiseHand') {
-      rs.hands.set(from, Boolean(payload.state));
+      rs.hands.set(talkSessionOf(rs, from), Boolean(payload.state));
       const peer = call.peers.get(from);
       if (peer) peer.tile.querySelector('.tile-hand').hidden = !payload.state;
       renderParticipants(rs);
@@ -2910,22 +2989,27 @@
     }
     const screen = message.roomType === 'screen';
     if (message.type === 'unshareScreen') return closeScreenPeer(from);
-    let peer = screen ? call.screens.get(from) : call.peers.get(from);
+    if (rs.hpb && screen) return; // screens are shared peer to peer only
+    let peer = own ? call.publisher : screen ? call.screens.get(from) : call.peers.get(from);
     try {
       if (message.type === 'offer') {
+        if (own) return;
         if (screen) {
           if (peer && !peer.own) closeScreenPeer(from);
           peer = receiveScreen(rs, from);
         } else if (!peer) {
+          if (rs.hpb) return; // an offer we did not ask for (or no longer want)
           peer = createPeer(rs, from);
         }
         // We are the offerer and mid-offer: ours wins, as both follow the rule.
         if (!screen && peer.pc.signalingState === 'have-local-offer' && peer.offerer) return;
+        if (message.sid) peer.connectionId = message.sid;
         await peer.pc.setRemoteDescription({ type: 'offer', sdp: payload.sdp });
         await flushCandidates(peer);
         const answer = await peer.pc.createAnswer();
         await peer.pc.setLocalDescription(answer);
-        sendSignal(rs, from, 'answer', { type: 'answer', sdp: peer.pc.localDescription.sdp }, screen ? 'screen' : 'video');
+        const description = { type: 'answer', sdp: peer.pc.localDescription.sdp };
+        sendSignal(rs, from, 'answer', description, screen ? 'screen' : 'video', peer.connectionId);
       } else if (message.type === 'answer') {
         if (!peer || peer.pc.signalingState !== 'have-local-offer') return;
         await peer.pc.setRemoteDescription({ type: 'answer', sdp: payload.sdp });
@@ -2944,8 +3028,12 @@
     }
   }
 
-  /** Queue a message for a peer; one POST at a time keeps them in order. */
-  function sendSignal(rs, to, type, payload, roomType = 'video') {
+  /**
+   * Queue a message for a peer; one POST at a time keeps them in order.
+   * Through the HPB it goes over the signaling server's WebSocket instead.
+   */
+  function sendSignal(rs, to, type, payload, roomType = 'video', sid = undefined) {
+    if (rs.hpb) return hpbSendTo(rs, to, { to, from: rs.hpb.ownId, type, payload, roomType, sid });
     const fn = JSON.stringify({ to, type, payload, roomType });
     rs.outbox.push({ ev: 'message', sessionId: rs.sessionId, fn });
     flushOutbox(rs);
@@ -2982,7 +3070,304 @@
   }
 
   // -------------------------------------------------------------------------
-  // 13. Start-up
+  // 13. The High-Performance Backend: external signaling, MCU calls
+  // -------------------------------------------------------------------------
+  //
+  // When the signaling settings name a server (signalingMode "external"), the
+  // room's signaling runs over that server's WebSocket instead of the
+  // long-poll: hello v1 with the ticket, then a room join with our Talk
+  // session, which the server checks with talk-server's backend endpoint. Its
+  // events say who is here and in the call. A call is one publisher
+  // connection (our camera and microphone to Janus, offered to our own
+  // session) and one subscriber connection per other publisher (Janus offers
+  // it when we send `requestoffer`): never a mesh.
+
+  const HPB_BACKEND_PATH = V3 + '/signaling/backend';
+  const HPB_REQUEST_TIMEOUT_MS = 15000;
+  const REQUEST_OFFER_TRIES = 10;
+  const OFFER_WAIT_MS = 3000; // no offer this long after a requestoffer: ask again
+
+  /** The WebSocket address of a signaling server configured as http(s) or ws(s). */
+  function hpbSocketUrl(server) {
+    let url = server.trim().replace(/\/+$/, '').replace(/^http(s?):/i, 'ws$1:');
+    if (!url.endsWith('/spreed')) url += '/spreed';
+    return url;
+  }
+
+  function hpbStart(rs, settings) {
+    rs.hpb = {
+      settings,
+      ws: null,
+      ownId: null, // our signaling session (not the Talk session)
+      sessions: new Map(), // signaling session -> {id, roomSessionId, userId, inCall}
+      requests: new Map(), // request id -> {onReply, onError, timer}
+      handling: Promise.resolve(), // peer messages, one after the other
+      nextId: 1,
+      failures: 0,
+      greeted: false, // a hello succeeded before: the next one is a reconnection
+      stopped: false,
+    };
+    rs.signal.addEventListener('abort', () => hpbStop(rs), { once: true });
+    hpbOpen(rs);
+    renderMediaButtons();
+  }
+
+  function hpbOpen(rs) {
+    const hpb = rs.hpb;
+    let ws;
+    try {
+      ws = new WebSocket(hpbSocketUrl(hpb.settings.server));
+    } catch (error) {
+      console.warn('signaling server address refused', error);
+      return;
+    }
+    hpb.ws = ws;
+    ws.onopen = () => hpbHello(rs, ws);
+    ws.onmessage = (event) => {
+      if (hpb.ws === ws) hpbReceive(rs, event.data);
+    };
+    ws.onclose = () => hpbLost(rs, ws);
+  }
+
+  async function hpbHello(rs, ws) {
+    const hpb = rs.hpb;
+    const settings = hpb.settings;
+    const params = (settings.helloAuthParams && settings.helloAuthParams['1.0']) || {
+      userid: settings.userId || null,
+      ticket: settings.ticket,
+    };
+    try {
+      const hello = await hpbRequest(rs, 'hello', { version: '1.0', auth: { url: location.origin + HPB_BACKEND_PATH, params } });
+      hpb.ownId = hello.sessionid;
+      await hpbRequest(rs, 'room', { roomid: rs.token, sessionid: rs.sessionId });
+      hpb.failures = 0;
+      const again = hpb.greeted;
+      hpb.greeted = true;
+      if (rs.inCall) {
+        hpbPublish(rs);
+        // A new signaling session knows nothing of our call: joining it again
+        // makes talk-server tell the server who is in it.
+        if (again) api('POST', `/call/${rs.token}`, { flags: callFlags() }, { signal: rs.signal }).catch(() => {});
+        updatePeers(rs);
+      }
+    } catch (error) {
+      if (hpb.ws !== ws) return;
+      console.warn('signaling server refused us', error.message);
+      ws.close(); // hpbLost tries again with fresh settings
+    }
+  }
+
+  /** Send one request; `handlers` {onReply, onError} hear its answer or its error. */
+  function hpbSend(rs, type, body, handlers = null) {
+    const hpb = rs.hpb;
+    if (!hpb.ws || hpb.ws.readyState !== WebSocket.OPEN) {
+      if (handlers) handlers.onError(new Error('Not connected to the signaling server'));
+      return;
+    }
+    const id = String(hpb.nextId++);
+    if (handlers) {
+      const timer = setTimeout(() => {
+        // Only requests that expect a reply fail by silence; for the others silence is success.
+        if (hpb.requests.delete(id) && handlers.onReply) handlers.onError(new Error('The signaling server did not answer'));
+      }, HPB_REQUEST_TIMEOUT_MS);
+      hpb.requests.set(id, { ...handlers, timer });
+    }
+    hpb.ws.send(JSON.stringify({ id, type, [type]: body }));
+  }
+
+  function hpbRequest(rs, type, body) {
+    return new Promise((resolve, reject) => hpbSend(rs, type, body, { onReply: resolve, onError: reject }));
+  }
+
+  /** A message to one signaling session (a peer, or Janus's side of a publisher). */
+  function hpbSendTo(rs, sid, data, onError) {
+    hpbSend(rs, 'message', { recipient: { type: 'session', sessionid: sid }, data }, onError ? { onError } : null);
+  }
+
+  function hpbReceive(rs, raw) {
+    const hpb = rs.hpb;
+    let message;
+    try {
+      message = JSON.parse(raw);
+    } catch (error) {
+      return;
+    }
+    if (!message || typeof message !== 'object') return;
+    const waiting = message.id !== undefined ? hpb.requests.get(String(message.id)) : null;
+    if (waiting) {
+      hpb.requests.delete(String(message.id));
+      clearTimeout(waiting.timer);
+      if (message.type === 'error') {
+        const error = new Error((message.error && message.error.message) || 'Refused');
+        error.code = message.error && message.error.code;
+        waiting.onError(error);
+      } else if (waiting.onReply) {
+        waiting.onReply(message[message.type] || {});
+      }
+      return;
+    }
+    if (message.type === 'event') {
+      hpbEvent(rs, message.event || {});
+    } else if (message.type === 'message') {
+      const { sender, data } = message.message || {};
+      if (!data || typeof data !== 'object') return;
+      const signal = { ...data, from: (sender && sender.sessionid) || data.from };
+      hpb.handling = hpb.handling.then(() => handleSignal(rs, signal)).catch((error) => console.warn('peer message failed', error));
+    } else if (message.type === 'room') {
+      // Moved out of the room by the server: removed, or the room is gone.
+      if (message.room && !message.room.roomid) refreshRoom(rs);
+    } else if (message.type === 'bye') {
+      hpb.ws.close(); // our session ended there: start a new one
+    } else if (message.type === 'error') {
+      console.warn('signaling server error', message.error);
+    }
+  }
+
+  /** Room and participants events: who is here (join, leave) and who is in the call (update). */
+  function hpbEvent(rs, event) {
+    const hpb = rs.hpb;
+    if (event.target === 'room' && event.type === 'join') {
+      for (const joined of Array.isArray(event.join) ? event.join : []) {
+        if (!joined || !joined.sessionid) continue;
+        const known = hpb.sessions.get(joined.sessionid) || { id: joined.sessionid, inCall: 0 };
+        known.roomSessionId = joined.roomsessionid || known.roomSessionId;
+        known.userId = joined.userid || '';
+        hpb.sessions.set(joined.sessionid, known);
+      }
+    } else if (event.target === 'room' && event.type === 'leave') {
+      for (const sid of Array.isArray(event.leave) ? event.leave : []) hpb.sessions.delete(sid);
+    } else if (event.target === 'participants' && event.type === 'update') {
+      const update = event.update || {};
+      if (update.all) for (const known of hpb.sessions.values()) known.inCall = Number(update.incall) || 0;
+      const users = [...(Array.isArray(update.users) ? update.users : []), ...(Array.isArray(update.changed) ? update.changed : [])];
+      for (const user of users) {
+        const sid = user && (user.sessionId || user.sessionid);
+        const known = sid && hpb.sessions.get(sid);
+        if (!known && !(user && user.nextcloudSessionId)) continue; // not connected to the signaling server
+        const entry = known || { id: sid };
+        entry.inCall = Number(user.inCall) || 0;
+        if (user.nextcloudSessionId) entry.roomSessionId = user.nextcloudSessionId;
+        if (user.userId) entry.userId = user.userId;
+        hpb.sessions.set(sid, entry);
+      }
+    } else if (event.target === 'roomlist') {
+      if (!rs.isGuest) refreshRoomsSoon();
+      return;
+    } else {
+      return; // chat messages arrive through the chat long-poll
+    }
+    const users = [...hpb.sessions.values()].map((known) => ({
+      sessionId: known.roomSessionId || known.id,
+      signalingId: known.id,
+      userId: known.userId || '',
+      inCall: known.inCall || 0,
+    }));
+    usersInRoom(rs, users);
+  }
+
+  /** The connection lost (or refused): back off, fetch a fresh ticket, connect again. */
+  function hpbLost(rs, ws) {
+    const hpb = rs.hpb;
+    if (!hpb || hpb.ws !== ws) return;
+    hpb.ws = null;
+    hpb.ownId = null;
+    hpb.sessions.clear();
+    for (const waiting of hpb.requests.values()) {
+      clearTimeout(waiting.timer);
+      waiting.onError(new Error('The signaling server closed the connection'));
+    }
+    hpb.requests.clear();
+    if (!rs.alive || hpb.stopped) return;
+    if (rs.inCall) closeAllPeers(); // a new session publishes and subscribes anew
+    sleep(backoffMs(++hpb.failures), rs.signal).then(async () => {
+      if (!rs.alive) return;
+      const settings = await loadSignalingSettings(rs).catch(() => null);
+      if (!rs.alive || hpb.ws) return;
+      if (isExternal(settings)) hpb.settings = settings;
+      hpbOpen(rs);
+    });
+  }
+
+  /** Join again as a new Talk session (after recoverSession). */
+  function hpbReconnect(rs) {
+    rs.hpb.failures = 0;
+    if (rs.hpb.ws) rs.hpb.ws.close();
+  }
+
+  function hpbStop(rs) {
+    const hpb = rs.hpb;
+    hpb.stopped = true;
+    const ws = hpb.ws;
+    if (!ws) return;
+    if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ id: 'bye', type: 'bye', bye: {} }));
+    ws.close();
+  }
+
+  /** Our camera and microphone to Janus: an offer to our own signaling session. */
+  async function hpbPublish(rs) {
+    const hpb = rs.hpb;
+    if (!call.local || !hpb.ownId || call.publisher) return;
+    const peer = { sid: hpb.ownId, connectionId: randomHex(8), pending: [], stream: null, video: null };
+    peer.pc = newPeerConnection(rs, peer, 'video');
+    for (const track of call.local.getTracks()) peer.pc.addTransceiver(track, { direction: 'sendonly', streams: [call.local] });
+    peer.pc.oniceconnectionstatechange = () => {
+      if (peer.pc.iceConnectionState !== 'failed' || call.publisher !== peer) return;
+      closePublisher();
+      hpbPublish(rs);
+    };
+    call.publisher = peer;
+    try {
+      await peer.pc.setLocalDescription(await peer.pc.createOffer());
+      if (call.publisher !== peer) return;
+      const data = {
+        to: hpb.ownId,
+        from: hpb.ownId,
+        type: 'offer',
+        roomType: 'video',
+        sid: peer.connectionId,
+        payload: { type: 'offer', sdp: peer.pc.localDescription.sdp },
+      };
+      hpbSendTo(rs, hpb.ownId, data, (error) => {
+        if (call.publisher === peer) setText('call-error', `The media server did not take our stream: ${error.message}`);
+      });
+    } catch (error) {
+      console.warn('publishing failed', error);
+    }
+  }
+
+  function closePublisher() {
+    const peer = call.publisher;
+    if (!peer) return;
+    call.publisher = null;
+    peer.pc.close();
+  }
+
+  /**
+   * Ask Janus to offer us `peer`'s stream. The server refuses (with an error)
+   * while the stream has not reached Janus, and ignores us (silently) while it
+   * does not yet count both of us in the call: ask again after a refusal, after
+   * a silence, and when the call changes, a bounded number of times.
+   */
+  function requestOffer(rs, peer) {
+    if ((peer.asked || 0) >= REQUEST_OFFER_TRIES || Date.now() - (peer.askedAt || 0) < OFFER_WAIT_MS / 3) return;
+    peer.asked = (peer.asked || 0) + 1;
+    peer.askedAt = Date.now();
+    const again = (ms) =>
+      sleep(ms, rs.signal).then(() => {
+        if (rs.inCall && call.peers.get(peer.sid) === peer && !peer.pc.remoteDescription) requestOffer(rs, peer);
+      });
+    hpbSendTo(rs, peer.sid, { type: 'requestoffer', roomType: 'video' }, () => again(backoffMs(peer.asked)));
+    again(OFFER_WAIT_MS);
+  }
+
+  /** The Talk session behind a signaling session (the same id with internal signaling). */
+  function talkSessionOf(rs, sid) {
+    const known = rs.hpb && rs.hpb.sessions.get(sid);
+    return known && known.roomSessionId ? known.roomSessionId : sid;
+  }
+
+  // -------------------------------------------------------------------------
+  // 14. Start-up
   // -------------------------------------------------------------------------
 
   function bind() {

@@ -116,15 +116,15 @@ def browser(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def serving(tmp_path, password_hash, users):
-    """A real talk-server (Waitress, loopback port) with `users` {id: name}."""
+def serving(tmp_path, password_hash, users, **options):
+    """A real talk-server (Waitress, loopback port) with `users` {id: name}; `options` go to the app."""
     db_path = tmp_path / "talk.db"
     app = talk_server.make_app(db_path)
     with app.talk.db.write() as db:
         for user_id, name in users.items():
             talk_server.create_user(db, user_id, password_hash, name)
     app.talk.close()
-    with talk_server.serve_in_thread(db_path) as base_url:
+    with talk_server.serve_in_thread(db_path, **options) as base_url:
         yield base_url
 
 
@@ -157,12 +157,12 @@ class Person:
     def by(self, test_id):
         return self.page.get_by_test_id(test_id)
 
-    def sign_in(self, user_id):
+    def sign_in(self, user_id, name=None):
         self.page.goto(self.base_url + "/")
         self.by("login-user").fill(user_id)
         self.by("login-password").fill(PASSWORD)
         self.by("login-submit").click()
-        expect(self.by("me-name")).to_have_text(USERS[user_id])
+        expect(self.by("me-name")).to_have_text(name or USERS[user_id])
         # The session is the sign-in page's HttpOnly cookie: no password stays
         # in the page's storage, and scripts cannot read the cookie.
         stored = self.page.evaluate(

@@ -368,7 +368,8 @@ def test_mention_or_one_to_one_message_notifies_while_the_tab_is_hidden(people):
     )
     alice.open_room(token)
     alice.send("Lunch? 🍜")
-    bob.page.wait_for_function("window.talkDebug.notifications.length > 0")
+    # Polled with evaluate: wait_for_function's polling evals a string, which the CSP forbids.
+    assert wait_for(lambda: bob.page.evaluate("window.talkDebug.notifications.length > 0"), 10)
     notes = bob.page.evaluate("window.talkDebug.notifications")
     assert notes == [{"title": "Alice", "body": "Lunch? 🍜"}]
     expect(bob.by("unread-divider")).to_be_visible()
