@@ -6762,7 +6762,7 @@ def chat_receive_modern(rq, token):
     if set_marker and known > me["last_read_message"]:
         with talk.db.write() as db:
             set_read_marker(db, me["id"], room["id"], known)
-    deadline = time.monotonic() + timeout * talk.notifier.time_scale
+    deadline = talk.notifier.monotonic() + timeout * talk.notifier.time_scale
     with talk.notifier.listen(modern_chat_key(room["id"])) as waiter:
         last_look = waited = False
         while True:
@@ -6773,7 +6773,7 @@ def chat_receive_modern(rq, token):
                 rows = messages_page(db, room["id"], known, limit, True, inclusive)
                 if rows:
                     return chat_reply(rq, db, room, rows, common_sent)
-            left = (deadline - time.monotonic()) / talk.notifier.time_scale
+            left = (deadline - talk.notifier.monotonic()) / talk.notifier.time_scale
             if last_look or left <= 0 or talk.notifier.closed:
                 break
             last_look = not talk.notifier.wait(waiter, left, rq.wait_cancelled)
