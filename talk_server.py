@@ -757,7 +757,17 @@ def connect(path, durability="full") -> sqlite3.Connection:
     # Only takes effect on a new, empty file (and must come before WAL mode):
     # freed pages can then go back to the file system (reclaim_pages).
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-    conn.execute("PRAGMA journal_mode = WAL")
+    # Turning a new file to WAL takes an exclusive lock without SQLite's busy
+    # handler: two processes starting on one new file can get "database is
+    # locked" at once. Try again a few times, backing off (start-up only).
+    for attempt in range(10):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            break
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == 9:
+                raise
+            time.sleep(0.01 * 2**attempt)
     # FULL syncs the WAL on every commit: an answered write survives a power
     # cut. NORMAL may lose the last commits on power loss (never corrupts).
     conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
