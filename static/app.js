@@ -963,7 +963,10 @@
   /** The room went away for us (deleted, or we were removed). */
   function roomGone(rs, message) {
     if (state.room !== rs) return;
+    // Our own polls see the room go (404) and may answer before our own
+    // DELETE does: what we did is what we are told.
     if (rs.deleting) message = 'The conversation was deleted.';
+    else if (rs.leaving) message = 'You left the conversation.';
     const guest = rs.isGuest;
     closeRoom();
     if (guest) {
@@ -2231,11 +2234,13 @@
     }
     try {
       if (rs.inCall) leaveCall(rs, { tellServer: true });
+      rs.leaving = true;
       await api('DELETE', `/room/${rs.token}/participants/self`);
       rs.sessionId = null;
       if ($('settings-dialog').open) $('settings-dialog').close();
       roomGone(rs, 'You left the conversation.');
     } catch (error) {
+      rs.leaving = false;
       setText('participants-error', error.message);
       setText('settings-error', error.message);
     }
