@@ -359,14 +359,19 @@ def check_leave(w, actor):
     return row is None  # guests and type 5 lose their row (or never had one)
 
 
+def actor_ids(w, actor):
+    """(user id, guest id) of an actor: a user's name, or its guest cookie's hash."""
+    user_id, guest_id = USER_OF.get(actor), None
+    if user_id is None:
+        cookie = w["clients"][actor].test.cookies.get(talk_server.GUEST_COOKIE)
+        guest_id = cookie and hashlib.sha256(cookie.encode()).hexdigest()
+    return user_id, guest_id
+
+
 def touched(w, actor):
     """The caller was seen just now (SPEC 2: pings and signaling refresh
     lastPing): its most recently seen row carries the clock's time."""
-    client = w["clients"][actor]
-    user_id, guest_id = USER_OF.get(actor), None
-    if user_id is None:
-        cookie = client.test.cookies.get(talk_server.GUEST_COOKIE)
-        guest_id = cookie and hashlib.sha256(cookie.encode()).hexdigest()
+    user_id, guest_id = actor_ids(w, actor)
     with w["app"].talk.db.read() as db:
         seen = db.execute(
             "SELECT MAX(last_ping) FROM participants WHERE user_id = ? OR guest_id = ?",
@@ -381,11 +386,7 @@ def sender_session(w, actor, token):
     if token is not None:
         row = actor_row(w, actor, token)
         return row["session_id"] if row is not None else "0"
-    client = w["clients"][actor]
-    user_id, guest_id = USER_OF.get(actor), None
-    if user_id is None:
-        cookie = client.test.cookies.get(talk_server.GUEST_COOKIE)
-        guest_id = cookie and hashlib.sha256(cookie.encode()).hexdigest()
+    user_id, guest_id = actor_ids(w, actor)
     with w["app"].talk.db.read() as db:
         row = talk_server.latest_session_of(db, user_id, guest_id)
     return row["session_id"] if row else "0"

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import pytest
 from conftest import API, CLOUD, PASSWORD, Client
+from helpers import every_row
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -212,17 +213,6 @@ def check_v1_envelope(response):
     return effective
 
 
-def snapshot(app):
-    """Every row of every table: a refused request must change none."""
-    with app.talk.db.read() as db:
-        tables = [row[0] for row in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-        return {
-            table: sorted((tuple(row) for row in db.execute(f"SELECT * FROM {table}")), key=repr)
-            for table in tables
-        }
-
-
 def all_endpoints():
     """(method, prefix, route path) for every route of the API and /cloud."""
     return [(m, API, p) for m, p, *_ in talk_server.ROUTES] + [
@@ -365,7 +355,7 @@ def test_any_parameters_at_any_endpoint_give_an_envelope(arena, endpoint, data):
     url = fill_path(path, token, userid, groupid).replace("<mode>", "default").replace(
         "<password_id>", "1"
     )
-    before = snapshot(arena["app"])
+    before = every_row(arena["app"])
     client = arena["clients"][actor]
     if encoding == "json":
         body = json.dumps(params, allow_nan=True).encode("ascii")
@@ -398,7 +388,7 @@ def test_any_parameters_at_any_endpoint_give_an_envelope(arena, endpoint, data):
         )
     status = check_envelope(response)
     if status >= 400:
-        assert snapshot(arena["app"]) == before, f"a {status} changed the database"
+        assert every_row(arena["app"]) == before, f"a {status} changed the database"
 
 
 WRITE_ENDPOINTS = [e for e in ENDPOINTS if e[0] != "GET"]

@@ -11,7 +11,18 @@ import sqlite3
 import threading
 
 import pytest
-from helpers import add, create, join, make_group, promote, room_of, tokens, types, wait_until
+from helpers import (
+    add,
+    create,
+    every_row,
+    join,
+    make_group,
+    promote,
+    room_of,
+    tokens,
+    types,
+    wait_until,
+)
 
 CLOUD = "/ocs/v2.php/cloud"
 START = 1_700_000_000  # the conftest clock's start
@@ -615,17 +626,6 @@ def test_rename_trims_the_name(alice, group_room):
 def test_rename_trimmed_to_200_characters_is_200(alice, group_room):
     rename(alice, group_room, " " + "z" * 200 + " ")
     assert room_of(alice, group_room)["name"] == "z" * 200
-
-
-def every_row(app):
-    """Every row of every table: a refused request must change none."""
-    with app.talk.db.read() as db:
-        tables = [row[0] for row in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-        return {
-            table: sorted((tuple(row) for row in db.execute(f"SELECT * FROM {table}")), key=repr)
-            for table in tables
-        }
 
 
 def test_rename_one_to_one_room_is_405(app, alice, bob):
