@@ -1075,15 +1075,16 @@ def set_user_enabled(db, user_id: str, enabled: bool) -> None:
     )
 
 
-def delete_user(db, user_id: str) -> list[int]:
+def delete_user(db, user_id: str) -> list[tuple[sqlite3.Row, list[str] | None]]:
     """Delete a user and the rooms that cannot live without them (SPEC 9).
 
-    Returns the ids of the rooms whose membership changed, so waiting polls
-    there can be woken.
+    Returns each room the user was in, as it was, with the user ids it had
+    when it went with them (None: it lives on without the user), so waiting
+    polls there can be woken and the signaling server told.
     """
     rooms = db.execute(
         """
-        SELECT r.id, r.type,
+        SELECT r.*,
                (SELECT COUNT(*) FROM participants AS o
                  WHERE o.room_id = r.id AND o.user_id IS NOT NULL
                    AND o.user_id <> :user_id) AS other_users
@@ -1093,11 +1094,15 @@ def delete_user(db, user_id: str) -> list[int]:
         """,
         {"user_id": user_id},
     ).fetchall()
+    changed = []
     for room in rooms:
+        members = None
         if room["type"] == ROOM_ONE_TO_ONE or room["other_users"] == 0:
+            members = room_user_ids(db, room["id"])
             delete_room(db, room["id"])
+        changed.append((room, members))
     db.execute("DELETE FROM users WHERE id = :id", {"id": user_id})
-    return [room["id"] for room in rooms]
+    return changed
 
 
 def groups_of(db, user_id: str) -> list[str]:
@@ -5895,6 +5900,17 @@ class Rooms:
         self.talk.room_changed(room["id"], chat=True)
         self.talk.hpb.deleted(room, members)
 
+    def user_deleted(self, user_id, rooms) -> None:
+        """A user was deleted (delete_user's `rooms`): wake each of their rooms;
+        the signaling server hears of the rooms that went (delete) and that the
+        user is out of the others (disinvite), as Talk's removeUserFromAllRooms."""
+        for room, members in rooms:
+            self.talk.room_changed(room["id"], chat=True)
+            if members is not None:
+                self.talk.hpb.deleted(room, members)
+            else:
+                self.talk.hpb.disinvited(room["id"], user_ids=[user_id])
+
     def make_public(self, actor, token, types=ROOM_TYPES) -> None:
         """Let guests in (moderators): the room becomes public. Today's routes
         refuse it for one-to-one rooms and notes to self."""
@@ -8481,8 +8497,7 @@ def cloud_user_delete(rq, userid):
         existing_user(db, userid)
         rooms = delete_user(db, userid)
     rq.talk.credentials.forget(userid)
-    for room_id in rooms:
-        rq.talk.room_changed(room_id, chat=True)
+    rq.talk.rooms.user_deleted(userid, rooms)
     return []
 
 

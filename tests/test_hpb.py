@@ -153,6 +153,12 @@ def auth(app, user_id, ticket):
                                                   "params": {"userid": user_id, "ticket": ticket}}})
 
 
+def make_admin(app, user_id):
+    with app.talk.db.write() as db:
+        talk_server.create_group(db, "admin")
+        talk_server.add_to_group(db, "admin", user_id)
+
+
 def room_request(app, token, session_id, user_id="", action=None):
     room = {"version": "1.0", "roomid": token, "userid": user_id, "sessionid": session_id}
     if action:
@@ -542,6 +548,27 @@ def test_deleting_a_room_sends_delete_to_its_users(app, alice, bob, hpb):
     alice.delete(f"/room/{token}", prefix=V4)
     path, delete = hpb.until("delete")
     assert path == f"/api/v1/room/{token}" and delete == {"userids": ["alice", "bob"]}
+
+
+def test_deleting_a_user_deletes_the_rooms_that_go_and_disinvites_from_the_others(
+        app, alice, bob, carol, hpb):
+    make_admin(app, "alice")
+    team = conversation(alice, "bob", "carol")
+    pair = alice.post("/room", {"roomType": 1, "invite": "bob"}, status=201, prefix=V4).data["token"]
+    solo = conversation(bob, name="Solo")
+    settled(app, hpb)
+    alice.delete("/users/bob", prefix="/ocs/v2.php/cloud")
+    sent = {}
+    for _ in range(3):
+        path, _, body = hpb.next()
+        sent[path.rsplit("/", 1)[1]] = body
+    assert sent[pair] == {"type": "delete", "delete": {"userids": ["alice", "bob"]}}
+    assert sent[solo] == {"type": "delete", "delete": {"userids": ["bob"]}}
+    disinvite = sent[team]["disinvite"]
+    assert disinvite["userids"] == ["bob"] and disinvite["alluserids"] == ["alice", "carol"]
+    assert disinvite["properties"]["name"] == "Team"
+    assert app.talk.hpb.drain(WAIT)
+    assert hpb.empty()
 
 
 def test_joining_changing_and_leaving_the_call_send_incall(app, alice, bob, hpb):
