@@ -1883,15 +1883,28 @@ def has_expired_guests(db, room_id: int, before: int) -> bool:
     )
 
 
-def expire_guests(db, room_id: int, before: int) -> int:
-    """Delete guest rows of a room not seen since `before` (SPEC 2)."""
-    return db.execute(
+def expire_guests(db, room_id: int, before: int) -> list[sqlite3.Row]:
+    """Delete guest rows of a room not seen since `before` (SPEC 2); the sessions
+    (id, in_call) that ended with them."""
+    params = {"room_id": room_id, "guest": GUEST, "before": before}
+    ended = db.execute(
+        """
+        SELECT s.id, s.in_call
+          FROM sessions AS s
+          JOIN participants AS p ON p.id = s.participant_id
+         WHERE p.room_id = :room_id AND p.participant_type = :guest AND p.last_ping <= :before
+         ORDER BY p.id, s.seq
+        """,
+        params,
+    ).fetchall()
+    db.execute(
         """
         DELETE FROM participants
          WHERE room_id = :room_id AND participant_type = :guest AND last_ping <= :before
         """,
-        {"room_id": room_id, "guest": GUEST, "before": before},
-    ).rowcount
+        params,
+    )
+    return ended
 
 
 # --- Calls -------------------------------------------------------------------
@@ -6099,7 +6112,7 @@ class Rooms:
         previous = actor.guest_id
         guest = None if actor.user_id else guest_id(fresh=needs_password)
         now = self.now()
-        invited = []
+        invited, expired = [], []
         with self.talk.db.write() as db:
             if guest is not None and previous not in (None, guest):
                 # The guest keeps its rows in other rooms under the new identity.
@@ -6108,7 +6121,7 @@ class Rooms:
             if me is None:
                 kind = USER_SELF_JOINED if actor.user_id else GUEST
                 if kind == GUEST:
-                    expire_guests(db, room["id"], now - GUEST_EXPIRY_SECONDS)
+                    expired = expire_guests(db, room["id"], now - GUEST_EXPIRY_SECONDS)
                     if count_guests(db, room["id"]) >= self.talk.guests_per_room:
                         raise Refused("guest-limit")
                 pid = add_participant(
@@ -6135,6 +6148,7 @@ class Rooms:
                     end_session_id(db, held["id"])
                 session_id = add_session(db, pid, now, device)
         self.talk.room_changed(room["id"])
+        self.left(room["id"], None, expired, removed=True)
         self.talk.hpb.invited(room["id"], invited)
         return room, session_id
 
@@ -6162,10 +6176,11 @@ class Rooms:
 
     def left(self, room_id, me, ended, removed) -> None:
         """Tell the signaling server of sessions that ended: out of the call, and
-        a guest or self-joined user gone with them is no longer invited."""
+        a guest or self-joined user gone with them is no longer invited (`me`
+        None: guests that expired, expire_guests)."""
         in_call = [s["id"] for s in ended if s["in_call"] & FLAG_IN_CALL]
         self.talk.hpb.in_call_changed(room_id, 0, in_call)
-        if removed and me["user_id"] is not None:
+        if removed and me is not None and me["user_id"] is not None:
             self.talk.hpb.disinvited(room_id, user_ids=[me["user_id"]])
         elif removed:
             self.talk.hpb.disinvited(room_id, session_ids=[s["id"] for s in ended])
@@ -9682,8 +9697,9 @@ class Talk:
             stale = has_expired_guests(db, room["id"], before)
         if stale:
             with self.db.write() as db:
-                expire_guests(db, room["id"], before)
+                ended = expire_guests(db, room["id"], before)
             self.room_changed(room["id"])
+            self.rooms.left(room["id"], None, ended, removed=True)
 
     def expire_messages(self) -> int | None:
         """Delete the messages whose expiration passed; when the next one

@@ -153,6 +153,18 @@ def auth(app, user_id, ticket):
                                                   "params": {"userid": user_id, "ticket": ticket}}})
 
 
+def one_of_each(hpb, *kinds):
+    """The next request of each kind, in whatever order they come (several workers
+    send them), skipping others."""
+    seen = {}
+    while set(seen) != set(kinds):
+        _, _, body = hpb.next()
+        if body["type"] in kinds:
+            assert body["type"] not in seen, body
+            seen[body["type"]] = body[body["type"]]
+    return seen
+
+
 def make_admin(app, user_id):
     with app.talk.db.write() as db:
         talk_server.create_group(db, "admin")
@@ -619,6 +631,27 @@ def test_leaving_the_room_during_a_call_sends_incall(app, alice, bob, hpb):
     _, incall = hpb.until("incall")
     assert incall["incall"] == 0 and incall["changed"] == [
         {"inCall": 0, "lastPing": 0, "sessionId": his}]
+
+
+@pytest.mark.parametrize("trigger", ["participants", "guest-joins"])
+def test_guests_expiring_leave_the_call_and_are_disinvited(app, alice, guest, other_guest,
+                                                           clock, trigger, hpb):
+    token = conversation(alice, room_type=3, name="Open")
+    join(alice, token)
+    session = join(guest, token)
+    guest.post(f"/call/{token}", {"flags": 3}, prefix=V4)
+    settled(app, hpb)
+    clock.advance(talk_server.GUEST_EXPIRY_SECONDS + 1)  # the guest's app went
+    if trigger == "participants":
+        alice.get(f"/room/{token}/participants", prefix=V4)
+    else:
+        join(other_guest, token)
+    assert scalar(app, "SELECT count(*) FROM sessions WHERE id = ?", session) == 0
+    sent = one_of_each(hpb, "incall", "disinvite")
+    assert sent["incall"]["incall"] == 0 and sent["incall"]["changed"] == [
+        {"inCall": 0, "lastPing": 0, "sessionId": session}]
+    disinvite = sent["disinvite"]
+    assert disinvite["sessionids"] == [session] and disinvite["alluserids"] == ["alice"]
 
 
 def test_the_2018_call_routes_notify_too(app, alice, bob, hpb):
