@@ -1942,17 +1942,20 @@ def in_call_count(db, room_id: int, live_since: int) -> int:
     ).fetchone()[0]
 
 
-def leave_calls(db, room_id: int, seen_before: int | None = None) -> int:
-    """Take a room's sessions out of its call: all, or those not seen since `seen_before`."""
-    return db.execute(
+def leave_calls(db, room_id: int, seen_before: int | None = None) -> list[str]:
+    """Take a room's sessions out of its call: all, or those not seen since
+    `seen_before`; the ids of those that were in it."""
+    rows = db.execute(
         """
         UPDATE sessions SET in_call = 0
          WHERE in_call != 0
            AND (:before IS NULL OR last_ping <= :before)
            AND participant_id IN (SELECT id FROM participants WHERE room_id = :room_id)
+        RETURNING id
         """,
         {"room_id": room_id, "before": seen_before},
-    ).rowcount
+    ).fetchall()
+    return sorted(row["id"] for row in rows)
 
 
 def live_sessions(db, room_id: int, live_since: int) -> list[sqlite3.Row]:
@@ -5772,12 +5775,13 @@ def end_call_if_empty(db, room, actor, now) -> None:
         call_system_message(db, room["id"], actor, "call_ended", now)
 
 
-def expire_calls(db, room, now) -> bool:
-    """No ping: sessions not seen for CALL_TIMEOUT_SECONDS leave the call; True when any did."""
-    if not leave_calls(db, room["id"], now - CALL_TIMEOUT_SECONDS):
-        return False
-    end_call_if_empty(db, room, None, now)
-    return True
+def expire_calls(db, room, now) -> list[str]:
+    """No ping: sessions not seen for CALL_TIMEOUT_SECONDS leave the call; the ids
+    of those that did (Rooms.calls_expired tells of them once committed)."""
+    expired = leave_calls(db, room["id"], now - CALL_TIMEOUT_SECONDS)
+    if expired:
+        end_call_if_empty(db, room, None, now)
+    return expired
 
 
 class Rooms:
@@ -6255,7 +6259,8 @@ class Rooms:
             if session is None:
                 raise Refused("no-session")
             permissions = self.call_rules(room, me, now)
-            expire_calls(db, room, now)
+            # The joining session is in the call again below, whatever it was.
+            expired = [s for s in expire_calls(db, room, now) if s != session["id"]]
             running = in_call_count(db, room["id"], now - CALL_TIMEOUT_SECONDS) > 0
             if not running and not permissions & PERM_CALL_START:
                 raise Refused("may-not-start-call")
@@ -6269,7 +6274,13 @@ class Rooms:
             elif not rejoin:
                 call_system_message(db, room["id"], me, "call_joined", now)
         self.talk.room_changed(room["id"])
+        self.calls_expired(room["id"], expired)
         self.talk.hpb.in_call_changed(room["id"], flags, [session["id"]])
+
+    def calls_expired(self, room_id, session_ids) -> None:
+        """Sessions that stopped pinging dropped out of the call (expire_calls, once
+        committed): the signaling server hears they left it, as from leave_call."""
+        self.talk.hpb.in_call_changed(room_id, 0, session_ids)
 
     def change_call_flags(self, actor, token, find_session, flags) -> None:
         """Change a session's in-call flags (audio, video, phone) while in the call."""
@@ -7572,6 +7583,7 @@ def signaling_pull(rq, token):
         expired = expire_calls(db, room, now)
     if expired:
         talk.room_changed(room["id"])
+        talk.rooms.calls_expired(room["id"], expired)
     room_id, my_session = room["id"], session["id"]
     with talk.notifier.listen(room_key(room_id), session_key(my_session)) as waiter:
         with talk.db.read() as db:

@@ -153,6 +153,11 @@ def auth(app, user_id, ticket):
                                                   "params": {"userid": user_id, "ticket": ticket}}})
 
 
+def arrivals(hpb, kind, count):
+    """The next `count` requests of `kind`, skipping others."""
+    return [hpb.until(kind) for _ in range(count)]
+
+
 def one_of_each(hpb, *kinds):
     """The next request of each kind, in whatever order they come (several workers
     send them), skipping others."""
@@ -631,6 +636,24 @@ def test_leaving_the_room_during_a_call_sends_incall(app, alice, bob, hpb):
     _, incall = hpb.until("incall")
     assert incall["incall"] == 0 and incall["changed"] == [
         {"inCall": 0, "lastPing": 0, "sessionId": his}]
+
+
+def test_a_session_that_stopped_pinging_drops_out_of_the_call_with_incall(
+        app, alice, bob, carol, clock, hpb):
+    token = conversation(alice, "bob", "carol")
+    mine, his, hers = join(alice, token), join(bob, token), join(carol, token)
+    alice.post(f"/call/{token}", {"flags": 3}, prefix=V4)
+    bob.post(f"/call/{token}", {"flags": 3}, prefix=V4)
+    settled(app, hpb)
+    clock.advance(talk_server.CALL_TIMEOUT_SECONDS)  # bob's app went: no ping from him
+    backend(app, {"type": "ping", "ping": {"roomid": token, "entries": [
+        {"userid": "alice", "sessionid": mine}, {"userid": "carol", "sessionid": hers}]}})
+    carol.post(f"/call/{token}", {"flags": 3}, prefix=V4)  # the next call join expires bob
+    incalls = {body["incall"]: body for _, body in arrivals(hpb, "incall", 2)}
+    assert [c["sessionId"] for c in incalls[3]["changed"]] == [hers]
+    timed_out = incalls[0]
+    assert [(c["sessionId"], c["inCall"]) for c in timed_out["changed"]] == [(his, 0)]
+    assert sorted(u["sessionId"] for u in timed_out["users"]) == sorted([mine, hers])
 
 
 @pytest.mark.parametrize("trigger", ["participants", "guest-joins"])
