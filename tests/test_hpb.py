@@ -735,10 +735,23 @@ def test_nothing_is_sent_without_a_signaling_server(db_path, clock, password_has
                 talk_server.create_user(db, user_id, password_hash, user_id)
         alice = Client(app, "alice")
         token = conversation(alice, "bob")
-        join(alice, token)
+        mine = join(alice, token)
         alice.post(f"/call/{token}", {"flags": 3}, prefix=V4)
         alice.post(f"/chat/{token}", {"message": "Hello"}, status=201)
         alice.put(f"/room/{token}", {"roomName": "Renamed"}, prefix=V4)
+        open_token = conversation(alice, "bob", room_type=3, name="Open")
+        guest = Client(app)
+        guest_session = join(guest, open_token)
+        guest.post(f"/call/{open_token}", {"flags": 3}, prefix=V4)
+        clock.advance(talk_server.CALL_TIMEOUT_SECONDS)  # the guest expires, alice's call times out
+        join(Client(app), open_token)
+        bob = Client(app, "bob")
+        join(bob, token)
+        bob.post(f"/call/{token}", {"flags": 3}, prefix=V4)
+        assert scalar(app, "SELECT in_call FROM sessions WHERE id = ?", mine) == 0
+        assert scalar(app, "SELECT count(*) FROM sessions WHERE id = ?", guest_session) == 0
+        make_admin(app, "alice")
+        alice.delete("/users/bob", prefix="/ocs/v2.php/cloud")  # leaves two rooms
         alice.delete(f"/room/{token}", prefix=V4)
         assert not app.talk.hpb.enabled and app.talk.hpb._threads == []
     finally:
