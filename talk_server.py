@@ -6139,9 +6139,11 @@ class Rooms:
             else:
                 pid = me["id"]
             if device is None:
+                replaced = sessions_of(db, pid)  # the 2018 join has one session
                 session_id = start_session(db, pid, now)
             else:
                 held = next((s for s in sessions_of(db, pid) if s["device"] == device), None)
+                replaced = [held] if held is not None else []
                 if held is not None:
                     if not force and held["in_call"] & FLAG_IN_CALL:
                         raise Refused(
@@ -6153,6 +6155,8 @@ class Rooms:
                 session_id = add_session(db, pid, now, device)
         self.talk.room_changed(room["id"])
         self.left(room["id"], None, expired, removed=True)
+        # A replaced session that was in the call is out of it (not out of the room).
+        self.left(room["id"], None, replaced, removed=False)
         self.talk.hpb.invited(room["id"], invited)
         return room, session_id
 

@@ -677,6 +677,19 @@ def test_guests_expiring_leave_the_call_and_are_disinvited(app, alice, guest, ot
     assert disinvite["sessionids"] == [session] and disinvite["alluserids"] == ["alice"]
 
 
+def test_a_join_that_replaces_a_session_in_the_call_takes_it_out_of_the_call(app, alice, bob,
+                                                                              hpb):
+    token = conversation(alice, "bob")
+    old = bob.post(f"/room/{token}/participants/active").data["sessionId"]
+    bob.post(f"/call/{token}")
+    settled(app, hpb)
+    new = bob.post(f"/room/{token}/participants/active").data["sessionId"]  # the 2018 app again
+    _, incall = hpb.until("incall")
+    assert incall["incall"] == 0
+    assert [(c["sessionId"], c["inCall"]) for c in incall["changed"]] == [(old, 0)]
+    assert new != old and not any(u["sessionId"] == old for u in incall["users"])
+
+
 def test_the_2018_call_routes_notify_too(app, alice, bob, hpb):
     token = conversation(alice, "bob")
     session = bob.post(f"/room/{token}/participants/active").data["sessionId"]
