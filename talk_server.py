@@ -6139,7 +6139,7 @@ class Rooms:
             else:
                 pid = me["id"]
             if device is None:
-                replaced = sessions_of(db, pid)  # the 2018 join has one session
+                replaced = sessions_of(db, pid)  # the 2018 join ends them all
                 session_id = start_session(db, pid, now)
             else:
                 held = next((s for s in sessions_of(db, pid) if s["device"] == device), None)
