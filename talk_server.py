@@ -1397,27 +1397,12 @@ def new_session_id() -> str:
     return "".join(secrets.choice(SESSION_ALPHABET) for _ in range(SESSION_ID_LENGTH))
 
 
-def start_session(db, participant_id: int, now: int) -> str:
-    """Give a participant a new session, ending the one it had."""
-    db.execute(
-        "DELETE FROM sessions WHERE participant_id = :pid", {"pid": participant_id}
-    )
-    session_id = new_session_id()
-    db.execute(
-        """
-        INSERT INTO sessions (id, participant_id, last_ping)
-        VALUES (:id, :pid, :now)
-        """,
-        {"id": session_id, "pid": participant_id, "now": now},
-    )
-    touch(db, participant_id, now)
-    return session_id
-
-
-def end_session(db, participant_id: int) -> None:
-    db.execute(
-        "DELETE FROM sessions WHERE participant_id = :pid", {"pid": participant_id}
-    )
+def end_session(db, participant_id: int) -> list[sqlite3.Row]:
+    """End all of a participant's sessions; the ones ended (id, in_call)."""
+    return db.execute(
+        "DELETE FROM sessions WHERE participant_id = :pid RETURNING id, in_call",
+        {"pid": participant_id},
+    ).fetchall()
 
 
 def add_session(db, participant_id: int, now: int, device: str | None) -> str:
@@ -1432,6 +1417,13 @@ def add_session(db, participant_id: int, now: int, device: str | None) -> str:
     )
     touch(db, participant_id, now)
     return session_id
+
+
+def start_session(db, participant_id: int, now: int) -> tuple[str, list[sqlite3.Row]]:
+    """Give a participant a new session, ending those it had (a 2018 join):
+    (the new session's id, the ended ones)."""
+    ended = end_session(db, participant_id)
+    return add_session(db, participant_id, now, None), ended
 
 
 def end_session_id(db, session_id: str) -> None:
@@ -6139,8 +6131,7 @@ class Rooms:
             else:
                 pid = me["id"]
             if device is None:
-                replaced = sessions_of(db, pid)  # the 2018 join ends them all
-                session_id = start_session(db, pid, now)
+                session_id, replaced = start_session(db, pid, now)
             else:
                 held = next((s for s in sessions_of(db, pid) if s["device"] == device), None)
                 replaced = [held] if held is not None else []
