@@ -10012,10 +10012,9 @@ class PollSlot:
             self.dispatcher.poll_done()
 
     def cancel(self):
-        try:
-            self.task.cancel()
-        finally:
-            self.dispatcher.poll_done()
+        # Only a shutdown cancels, and Waitress does it holding the dispatcher's
+        # lock: taking it again in poll_done would hang. No slot is needed then.
+        self.task.cancel()
 
 
 class OCSErrorTask(waitress.task.ErrorTask):

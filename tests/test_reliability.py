@@ -582,6 +582,31 @@ def test_a_full_signaling_queue_is_429_until_drained(tmp_path, password_hash):
 # --- Clean shutdown ----------------------------------------------------------
 
 
+def test_a_shutdown_with_a_long_poll_still_queued_ends():
+    """Waitress cancels the tasks still queued at shutdown while holding the
+    dispatcher's lock; a queued long-poll's slot must not take it again (under
+    load, a browser test's server once hung there for good)."""
+
+    class Queued:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    dispatcher = talk_server.LongPollDispatcher(slots=1)
+    task = Queued()
+    dispatcher.polls = 1  # as add_task counts it
+    dispatcher.queue.append(talk_server.PollSlot(dispatcher, task))
+    done = threading.Event()
+    stopper = threading.Thread(
+        target=lambda: (dispatcher.shutdown(timeout=0), done.set()), daemon=True
+    )
+    stopper.start()
+    assert done.wait(30), "shutdown hangs on the queued long-poll"
+    stopper.join()
+    assert task.cancelled and not dispatcher.queue
+
+
 def test_sigterm_answers_waiting_polls_and_exits_cleanly(tmp_path):
     db = tmp_path / "term.db"
     add_users(db, "alice", "bob")
